@@ -1,0 +1,275 @@
+"""The ``bayeszoo`` command: list, fit and evaluate model/guide pairs.
+
+    bayeszoo list
+    bayeszoo fit vae --guide rank1 --data mnist5k --epochs 20
+    bayeszoo evaluate runs/vae-rank1-mnist5k-seed0
+
+Names and pairs are checked before any data is loaded; a bad one exits with
+status 2 and one line that lists the valid choices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from inference import registry
+from inference.data import DATASETS, load_dataset
+from inference.svi import CHECKPOINT, FINAL_WEIGHTS, NonFiniteLossError, fit, load_weights
+
+EXIT_USAGE = 2
+# Validation and test sets are binarized once with this seed under dynamic binarization,
+# so every run and every evaluation scores the same binary images.
+EVAL_BINARIZATION_SEED = 1234
+
+
+class UsageError(Exception):
+    """Bad command-line input, reported as one line before any work starts."""
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bayeszoo", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("list", help="models, guides, valid pairs and datasets")
+
+    fit_cmd = commands.add_parser("fit", help="fit a model/guide pair and write a run folder")
+    fit_cmd.add_argument("model")
+    fit_cmd.add_argument("--guide", required=True)
+    fit_cmd.add_argument("--data", required=True)
+    _add_data_options(fit_cmd)
+    group = fit_cmd.add_argument_group("training")
+    group.add_argument("--epochs", type=_positive_int, default=10)
+    group.add_argument("--batch-size", type=_positive_int, default=100)
+    group.add_argument("--lr", type=float, default=1e-3)
+    group.add_argument("--lr-decay", type=float, default=1.0, help="per-epoch factor")
+    group.add_argument("--num-particles", type=_positive_int, default=1)
+    group.add_argument("--kl-anneal", type=int, default=0, metavar="EPOCHS",
+                       help="grow the KL weight linearly from 0 to 1 over this many epochs")
+    group.add_argument("--patience", type=_positive_int, default=None,
+                       help="early stopping on the validation ELBO")
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--device", default="cpu")
+    group.add_argument("--out", type=Path, default=None, help="run folder (default runs/NAME)")
+    group.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
+    group.add_argument("--no-progress", action="store_true")
+    group = fit_cmd.add_argument_group("model and guide")
+    group.add_argument("--z-dim", type=_positive_int, default=20)
+    group.add_argument("--z-dims", type=_int_list, default=(20, 10),
+                       help="DLGM layer sizes from the data up, e.g. 20,10")
+    group.add_argument("--hidden", type=_int_list, default=(400,))
+    group.add_argument("--likelihood", choices=("bernoulli", "gaussian"), default="bernoulli")
+    group.add_argument("--condition", choices=("label", "quadrant"), default="label",
+                       help="what a conditional VAE is conditioned on")
+    group.add_argument("--masking-noise", type=float, default=0.25,
+                       help="probability of masking an input pixel (denoising guide)")
+    group.add_argument("--is-samples", type=_positive_int, default=1000,
+                       help="K for the test importance-sampled log-likelihood")
+
+    eval_cmd = commands.add_parser("evaluate", help="score a fitted run on its test set")
+    eval_cmd.add_argument("run", type=Path)
+    eval_cmd.add_argument("--is-samples", type=_positive_int, default=1000)
+    eval_cmd.add_argument("--device", default="cpu")
+    _add_data_options(eval_cmd, with_binarize=False)
+    return parser
+
+
+def _add_data_options(command, with_binarize: bool = True) -> None:
+    group = command.add_argument_group("data")
+    group.add_argument("--data-root", type=Path, default=Path("data"))
+    group.add_argument("--download", action="store_true", help="fetch a full dataset if missing")
+    if with_binarize:
+        group.add_argument("--binarize", choices=("dynamic", "fixed", "none"), default=None,
+                           help="default: dynamic for Bernoulli pixels, none for Gaussian")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "list":
+            return _list()
+        if args.command == "fit":
+            return _fit(args)
+        return _evaluate(args)
+    except (UsageError, registry.RegistryError, FileNotFoundError) as error:
+        print(f"bayeszoo: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except NonFiniteLossError as error:
+        print(f"bayeszoo: training stopped: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("bayeszoo: interrupted; continue with the same command and --resume", file=sys.stderr)
+        return 130
+
+
+def _list() -> int:
+    print("models:")
+    for entry in registry.MODELS.values():
+        print(f"  {entry.name:<10} [{entry.family}] {entry.summary}")
+    print("guides:")
+    for entry in registry.GUIDES.values():
+        print(f"  {entry.name:<10} {entry.summary}")
+    print("valid pairs:")
+    for name in registry.MODELS:
+        print(f"  {name:<10} {', '.join(registry.valid_guides(name))}")
+    print(f"datasets: {', '.join(DATASETS)}")
+    return 0
+
+
+def _model_options(args) -> dict:
+    return {"z_dim": args.z_dim, "z_dims": list(args.z_dims), "hidden": list(args.hidden),
+            "likelihood": _likelihood(args), "condition": args.condition,
+            "masking_noise": args.masking_noise}
+
+
+def _likelihood(args) -> str:
+    """The asked-for pixel likelihood, or the model's only one (pPCA is Gaussian)."""
+    supported = registry.model_entry(args.model).likelihoods
+    return args.likelihood if args.likelihood in supported else supported[0]
+
+
+def _binarize(args) -> str | None:
+    if args.binarize is None:
+        likelihood = _likelihood(args)
+        return "dynamic" if likelihood == "bernoulli" else None
+    return None if args.binarize == "none" else args.binarize
+
+
+def _fit(args) -> int:
+    registry.check_pair(args.model, args.guide, args.data)
+    if args.lr <= 0 or not 0 < args.lr_decay <= 1 or not 0 <= args.masking_noise < 1:
+        raise UsageError("--lr must be > 0, --lr-decay in (0, 1], --masking-noise in [0, 1)")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device} asked for, but torch sees no CUDA device")
+    run_dir = args.out or Path("runs") / f"{args.model}-{args.guide}-{args.data}-seed{args.seed}"
+    if (run_dir / CHECKPOINT).exists() and not args.resume:
+        raise UsageError(f"{run_dir} already holds a run; pass --resume to continue it "
+                         "or --out to start another")
+    config = {"model": args.model, "guide": args.guide, "data": args.data,
+              "binarize": _binarize(args), "options": _model_options(args),
+              "fit": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+                      "lr_decay": args.lr_decay, "num_particles": args.num_particles,
+                      "kl_anneal_epochs": args.kl_anneal, "patience": args.patience,
+                      "seed": args.seed}}
+    dataset = load_dataset(args.data, root=args.data_root, download=args.download,
+                           binarize=config["binarize"])
+    torch.manual_seed(args.seed)  # network initialisation
+    model, guide, inputs = registry.build(args.model, args.guide, dataset, config["options"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+
+    started = time.perf_counter()
+    result = fit(model, guide, dataset.train, _eval_inputs(dataset, inputs, "valid"),
+                 **config["fit"], device=args.device, run_dir=run_dir, resume=args.resume,
+                 batch_transform=lambda batch, gen: inputs(dataset.batch_transform(batch, gen)),
+                 progress=not args.no_progress)
+    seconds = time.perf_counter() - started
+    metrics = {"config": config, "history": result.history, "stopped_early": result.stopped_early,
+               "best_epoch": result.best_epoch + 1, "train_seconds": seconds,
+               "parameters": _count(model) + _count(guide), "hardware": _hardware(args.device)}
+    metrics["test"] = _score(model, guide, dataset, inputs, args.is_samples, args.device,
+                             progress=not args.no_progress)
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    _write_figures(run_dir, model.cpu(), guide.cpu(), dataset, inputs, result.history)
+    print(_summary(metrics["test"]))
+    print(f"run folder: {run_dir}")
+    return 0
+
+
+def _evaluate(args) -> int:
+    config_path = args.run / "config.json"
+    if not config_path.exists() or not (args.run / FINAL_WEIGHTS).exists():
+        raise UsageError(f"{args.run} is not a finished run folder (needs config.json and "
+                         f"{FINAL_WEIGHTS}); fit one with `bayeszoo fit`")
+    config = json.loads(config_path.read_text())
+    dataset = load_dataset(config["data"], root=args.data_root, download=args.download,
+                           binarize=config["binarize"])
+    model, guide, inputs = registry.build(config["model"], config["guide"], dataset,
+                                          config["options"])
+    load_weights(args.run / FINAL_WEIGHTS, model, guide)
+    scores = _score(model.to(args.device), guide.to(args.device), dataset, inputs,
+                    args.is_samples, args.device)
+    (args.run / "evaluation.json").write_text(json.dumps(scores, indent=2))
+    print(_summary(scores))
+    return 0
+
+
+def _eval_inputs(dataset, inputs, split: str) -> dict:
+    generator = torch.Generator().manual_seed(EVAL_BINARIZATION_SEED)
+    return inputs(dataset.batch_transform(getattr(dataset, split), generator))
+
+
+def _score(model, guide, dataset, inputs, is_samples: int, device: str,
+           progress: bool = True) -> dict:
+    from inference.evaluate import evaluate
+
+    return evaluate(model, guide, _eval_inputs(dataset, inputs, "test"), num_samples=is_samples,
+                    device=device, progress=progress)
+
+
+def _summary(scores: dict) -> str:
+    return (f"test: IS log-likelihood {scores['is_log_likelihood']:.2f} nats "
+            f"(K={scores['is_samples']}), ELBO {scores['elbo']:.2f}, KL {scores['kl']:.2f}, "
+            f"active units {scores['active_units']}")
+
+
+def _count(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _hardware(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} CPU threads"
+
+
+def _write_figures(run_dir: Path, model, guide, dataset, inputs, history) -> None:
+    import matplotlib.pyplot as plt
+
+    from inference import plots
+    from inference.evaluate import posterior_means
+
+    test = _eval_inputs(dataset, inputs, "test")
+    figures = {
+        "training.png": plots.training_curves(history),
+        "reconstructions.png": plots.reconstructions(model, guide, test, dataset.image_shape),
+    }
+    if "context" in test:
+        figures["samples.png"] = plots.samples(model, dataset.image_shape, context=test["context"][:10])
+    else:
+        figures["samples.png"] = plots.samples(model, dataset.image_shape)
+    means = posterior_means(guide, test)
+    first_site = next(iter(means))
+    figures["latent.png"] = plots.latent_scatter(means[first_site], dataset.test["y"],
+                                                 f"E[{first_site} | x] on the test set")
+    if getattr(model, "latent_sites", {}).get("z") == 2 and "context" not in test:
+        figures["manifold.png"] = plots.latent_manifold(model, dataset.image_shape)
+    for name, figure in figures.items():
+        figure.savefig(run_dir / name, dpi=100)
+        plt.close(figure)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""Names for every model, guide and dataset, which pairs are valid, and how to build them.
+
+A model entry knows its family and how to turn a dataset minibatch ``{"x", "y"}``
+into the model's keyword inputs (``inputs``). A guide entry lists the families it
+serves and builds itself from the model. ``check_pair`` is called before any data
+is loaded or any training starts, so a typo costs nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from guides.amortized import AmortizedDelta, AmortizedNormal, AmortizedRank1Normal
+from inference.data import DATASETS
+from models.ppca import PPCA
+from models.vae import VAE, ConditionalVAE, DeepLatentGaussianModel, label_inputs, quadrant_inputs
+
+
+class RegistryError(ValueError):
+    """An unknown name or an invalid model/guide pair; the message lists the valid choices."""
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    family: str
+    build: Callable  # (dataset, options) -> model
+    summary: str
+    inputs: Callable = field(default=lambda batch, dataset, options: {"x": batch["x"]})
+    likelihoods: tuple[str, ...] = ("bernoulli", "gaussian")
+
+
+@dataclass(frozen=True)
+class GuideEntry:
+    name: str
+    families: tuple[str, ...]
+    build: Callable  # (model, options) -> guide
+    summary: str
+
+
+def _hidden(options: dict) -> tuple[int, ...]:
+    return tuple(options.get("hidden", (400,)))
+
+
+def _cvae_inputs(batch, dataset, options):
+    if options.get("condition", "label") == "label":
+        return label_inputs(batch["x"], batch["y"], dataset.num_classes)
+    return quadrant_inputs(batch["x"], dataset.image_shape, options.get("observed_quadrant", 0))
+
+
+def _cvae_context_dim(dataset, options) -> int:
+    return dataset.num_classes if options.get("condition", "label") == "label" else dataset.x_dim
+
+
+LATENT = "latent-variable"
+
+MODELS: dict[str, ModelEntry] = {entry.name: entry for entry in [
+    ModelEntry("vae", LATENT, lambda data, o: VAE(
+        data.x_dim, o.get("z_dim", 20), _hidden(o), o.get("likelihood", "bernoulli")),
+        "variational autoencoder, Bernoulli or Gaussian pixels (Kingma & Welling 2014)"),
+    ModelEntry("cvae", LATENT, lambda data, o: ConditionalVAE(
+        data.x_dim, _cvae_context_dim(data, o), o.get("z_dim", 20), _hidden(o),
+        o.get("likelihood", "bernoulli")),
+        "conditional VAE on the class label or an observed quadrant (Sohn et al. 2015)",
+        _cvae_inputs),
+    ModelEntry("dlgm", LATENT, lambda data, o: DeepLatentGaussianModel(
+        data.x_dim, tuple(o.get("z_dims", (20, 10))), _hidden(o)[0],
+        o.get("likelihood", "bernoulli")),
+        "deep latent Gaussian model, L >= 2 stochastic layers (Rezende et al. 2014)"),
+    ModelEntry("ppca", LATENT, lambda data, o: PPCA(data.x_dim, o.get("z_dim", 2)),
+               "probabilistic PCA with exact posterior and marginal likelihood (the oracle)",
+               likelihoods=("gaussian",)),
+]}
+
+GUIDES: dict[str, GuideEntry] = {entry.name: entry for entry in [
+    GuideEntry("amortized", (LATENT,), lambda m, o: AmortizedNormal(m, _hidden(o)),
+               "amortized diagonal Gaussian q(z|x)"),
+    GuideEntry("rank1", (LATENT,), lambda m, o: AmortizedRank1Normal(m, _hidden(o)),
+               "amortized Gaussian with precision D + u u^T (Rezende et al. 2014)"),
+    GuideEntry("delta", (LATENT,), lambda m, o: AmortizedDelta(m, _hidden(o)),
+               "point estimate z = f(x): the autoencoder as MAP"),
+    GuideEntry("denoising", (LATENT,), lambda m, o: AmortizedDelta(
+        m, _hidden(o), o.get("masking_noise", 0.25)),
+        "denoising autoencoder: delta guide fed inputs with masking noise"),
+]}
+
+
+def valid_guides(model: str) -> list[str]:
+    family = model_entry(model).family
+    return [name for name, entry in GUIDES.items() if family in entry.families]
+
+
+def model_entry(name: str) -> ModelEntry:
+    if name not in MODELS:
+        raise RegistryError(f"unknown model {name!r}; valid models: {', '.join(MODELS)}")
+    return MODELS[name]
+
+
+def guide_entry(name: str) -> GuideEntry:
+    if name not in GUIDES:
+        raise RegistryError(f"unknown guide {name!r}; valid guides: {', '.join(GUIDES)}")
+    return GUIDES[name]
+
+
+def check_pair(model: str, guide: str, data: str | None = None) -> None:
+    """Raise RegistryError unless the names exist and the guide fits the model."""
+    model_entry(model)
+    guide_entry(guide)
+    if guide not in valid_guides(model):
+        raise RegistryError(f"guide {guide!r} does not fit model {model!r}; "
+                            f"valid guides for {model}: {', '.join(valid_guides(model))}")
+    if data is not None and data not in DATASETS:
+        raise RegistryError(f"unknown dataset {data!r}; valid datasets: {', '.join(DATASETS)}")
+
+
+def build(model: str, guide: str, dataset, options: dict | None = None):
+    """Build the model and guide for a dataset. Returns (model, guide, inputs) where
+    ``inputs(batch)`` maps a dataset minibatch {"x", "y"} to the model's keyword inputs."""
+    options = dict(options or {})
+    check_pair(model, guide)
+    entry = MODELS[model]
+    built_model = entry.build(dataset, options)
+    built_guide = GUIDES[guide].build(built_model, options)
+    return built_model, built_guide, lambda batch: entry.inputs(batch, dataset, options)
