@@ -26,7 +26,7 @@ course: $(STAMP)
 	MPLBACKEND=Agg $(BIN)/python -m inference.course --out $(COURSE) $(TUTORIALS)
 
 bench: $(STAMP)
-	MPLBACKEND=Agg $(BIN)/python -m benchmarks.run
+	for script in benchmarks/*.py; do MPLBACKEND=Agg $(BIN)/python $$script || exit 1; done
 
 clean:
 	rm -rf build .pytest_cache
