@@ -256,15 +256,15 @@ def _write_figures(run_dir: Path, model, guide, dataset, inputs, history) -> Non
         "training.png": plots.training_curves(history),
         "reconstructions.png": plots.reconstructions(model, guide, test, dataset.image_shape),
     }
-    if "context" in test:
-        figures["samples.png"] = plots.samples(model, dataset.image_shape, context=test["context"][:10])
+    if "c" in test:
+        figures["samples.png"] = plots.samples(model, dataset.image_shape, c=test["c"][:10])
     else:
         figures["samples.png"] = plots.samples(model, dataset.image_shape)
     means = posterior_means(guide, test)
     first_site = next(iter(means))
     figures["latent.png"] = plots.latent_scatter(means[first_site], dataset.test["y"],
                                                  f"E[{first_site} | x] on the test set")
-    if getattr(model, "latent_sites", {}).get("z") == 2 and "context" not in test:
+    if getattr(model, "latent_sites", {}).get("z") == 2 and "c" not in test:
         figures["manifold.png"] = plots.latent_manifold(model, dataset.image_shape)
     for name, figure in figures.items():
         figure.savefig(run_dir / name, dpi=100)

@@ -116,7 +116,7 @@ def posterior_means(guide, data: dict, batch_size: int = 500, num_samples: int =
         batch = {k: v.to(device) for k, v in batch.items()}
         if hasattr(guide, "site_distributions"):
             site_means = {name: q.mean for name, q in
-                          guide.site_distributions(batch["x"], batch.get("context")).items()}
+                          guide.site_distributions(batch["x"], batch.get("c")).items()}
         else:
             with pyro.plate("particles", num_samples, dim=-2):
                 trace = poutine.trace(guide).get_trace(**batch)

@@ -54,8 +54,8 @@ def reconstructions(model, guide, inputs: dict, image_shape, count: int = 10):
 
 
 def samples(model, image_shape, count: int = 10, rows: int = 2, **inputs):
-    """E[x | z] for z drawn from the prior (pass ``context`` for a conditional model)."""
-    if "context" in inputs:
+    """E[x | z] for z drawn from the prior (pass the context ``c`` for a conditional model)."""
+    if "c" in inputs:
         means = observation_mean(model, **inputs)
         return image_grid([means], image_shape, ["samples"])
     means = observation_mean(model, batch_size=count * rows)

@@ -260,8 +260,7 @@ def fit(model, guide, train: dict, valid: dict | None = None, *,
             if batch_transform is not None:
                 batch = batch_transform(batch, generator)
             batch = _to(batch, device)
-            with scale_latents(beta):
-                loss = elbo.differentiable_loss(model, guide, **batch)
+            loss = _step_loss(elbo, model, guide, batch, beta)
             if not torch.isfinite(loss):
                 step = epoch * steps_per_epoch + step_in_epoch + 1
                 kept = checkpoint_path if checkpoint_path and checkpoint_path.exists() else None
@@ -299,6 +298,18 @@ def fit(model, guide, train: dict, valid: dict | None = None, *,
                          run_dir / FINAL_WEIGHTS)
     model.eval(), guide.eval()
     return result
+
+
+def _step_loss(elbo, model, guide, batch: dict, beta: float) -> torch.Tensor:
+    """The annealed negative ELBO of a minibatch. A network output that became NaN makes
+    distribution validation raise before any loss exists; report it as a NaN loss."""
+    try:
+        with scale_latents(beta):
+            return elbo.differentiable_loss(model, guide, **batch)
+    except ValueError as error:
+        if "found invalid values" in str(error):
+            return torch.tensor(float("nan"))
+        raise
 
 
 def _score(row: dict) -> float:
