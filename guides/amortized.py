@@ -60,8 +60,9 @@ class AmortizedGuide(PyroModule):
             for name, size in self.latent_sites.items()
         }
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, **unused):
-        posteriors = self.site_distributions(x, context)
+    def forward(self, x: torch.Tensor, c: torch.Tensor | None = None, **unused):
+        # c: the conditional VAE's context (named c, as ``context`` clashes with Pyro's handlers)
+        posteriors = self.site_distributions(x, c)
         with pyro.plate("data", x.shape[0]):
             return {name: pyro.sample(name, q) for name, q in posteriors.items()}
 

@@ -88,6 +88,10 @@ class ConditionalVAE(PyroModule):
     The context is a one-hot class label (generate a chosen digit) or the observed
     pixels of one image quadrant (complete the image; ``x_mask`` then marks the
     hidden pixels that the likelihood scores, see ``quadrant_inputs``).
+
+    The context is passed as the keyword ``c``, not ``context``: Pyro's handlers call a
+    wrapped model as ``_context_wrap(context, fn, *args, **kwargs)`` (pyro 1.9), so a
+    keyword argument called ``context`` collides with it under ``poutine.replay``.
     """
 
     def __init__(self, x_dim: int, context_dim: int, z_dim: int = 20,
@@ -108,19 +112,19 @@ class ConditionalVAE(PyroModule):
         loc, raw_scale = self.prior_net(context).chunk(2, dim=-1)
         return dist.Normal(loc, nn.functional.softplus(raw_scale) + 1e-4).to_event(1)
 
-    def forward(self, x: torch.Tensor | None = None, context: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor | None = None, c: torch.Tensor | None = None,
                 x_mask: torch.Tensor | None = None, **unused):
-        if context is None:
-            raise ValueError("ConditionalVAE needs a context (a one-hot label or an observed quadrant)")
-        with pyro.plate("data", context.shape[0]):
-            z = pyro.sample("z", self.prior(context))
-            decoded = self.decoder(_with_context(z, context))
+        if c is None:
+            raise ValueError("ConditionalVAE needs a context c (a one-hot label or an observed quadrant)")
+        with pyro.plate("data", c.shape[0]):
+            z = pyro.sample("z", self.prior(c))
+            decoded = self.decoder(_with_context(z, c))
             return pyro.sample("x", self.likelihood(decoded, x_mask), obs=x)
 
 
 def label_inputs(x: torch.Tensor, y: torch.Tensor, num_classes: int) -> dict:
     """Model inputs for label-conditioned generation: the context is one_hot(y)."""
-    return {"x": x, "context": nn.functional.one_hot(y, num_classes).to(x.dtype)}
+    return {"x": x, "c": nn.functional.one_hot(y, num_classes).to(x.dtype)}
 
 
 def quadrant_inputs(x: torch.Tensor, image_shape: tuple[int, ...], observed: int = 0) -> dict:
@@ -137,7 +141,7 @@ def quadrant_inputs(x: torch.Tensor, image_shape: tuple[int, ...], observed: int
     seen = (rows == bool(observed // 2)) & (cols == bool(observed % 2))
     seen = seen.expand(image_shape).reshape(-1).to(x.device)
     context = torch.where(seen, x, torch.full_like(x, -1.0))
-    return {"x": x, "context": context, "x_mask": (~seen).expand_as(x)}
+    return {"x": x, "c": context, "x_mask": (~seen).expand_as(x)}
 
 
 class DeepLatentGaussianModel(PyroModule):
