@@ -228,7 +228,10 @@ def fit(model, guide, train: dict, valid: dict | None = None, *,
     model.to(device), guide.to(device)
     model.train(), guide.train()
     # One trace creates any parameters a guide makes lazily (AutoGuides) before the optimizer sees them.
-    nesting = max_plate_nesting(model, guide, _to(_first(train, batch_size), device))
+    first = _first(train, batch_size)
+    if batch_transform is not None:
+        first = batch_transform(first, torch.Generator().manual_seed(seed))
+    nesting = max_plate_nesting(model, guide, _to(first, device))
     elbo = _elbo(num_particles, nesting)
     opt = optimizer(_parameters(model, guide), lr=lr)
     schedule = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=lr_decay)

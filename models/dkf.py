@@ -406,7 +406,8 @@ class LinearGaussianSSM(StateSpaceModel):
         """
         mask = check_sequences(x, mask, u, x_dim=self.x_dim, u_dim=self.u_dim)
         N, T, D = x.shape
-        C, R = self.C, self.R
+        A, Q, C, R, d = self.A, self.Q, self.C, self.R, self.d  # computed once, not once per step
+        At, Ct = A.T, C.T
         eye = torch.eye(self.z_dim, dtype=x.dtype, device=x.device)
         log_2pi = math.log(2 * math.pi)
         pred_m, pred_P, filt_m, filt_P = [], [], [], []
@@ -418,12 +419,11 @@ class LinearGaussianSSM(StateSpaceModel):
                 P_pred = self.Sigma_0.expand(N, self.z_dim, self.z_dim)
             else:
                 m_pred = self._transition_mean(m, _at(u, t - 1))
-                P_pred = _symmetric(self.A @ P @ self.A.T + self.Q)
+                P_pred = _symmetric(A @ P @ At + Q)
             # Update with x_t: innovation v, its covariance S = C P C^T + R, gain K = P C^T S^-1.
-            v = x[:, t] - (_mv(C, m_pred) + self.d)
-            S = _symmetric(C @ P_pred @ C.T + R)
-            L = torch.linalg.cholesky(S)
-            PCt = P_pred @ C.T
+            v = x[:, t] - (m_pred @ Ct + d)
+            PCt = P_pred @ Ct
+            L = torch.linalg.cholesky(_symmetric(C @ PCt + R))
             K = torch.cholesky_solve(PCt.transpose(-1, -2), L).transpose(-1, -2)
             m_new = m_pred + _mv(K, v)
             IKC = eye - K @ C
@@ -432,13 +432,14 @@ class LinearGaussianSSM(StateSpaceModel):
             log_p = -0.5 * (white.pow(2).sum(-1) + D * log_2pi) - L.diagonal(dim1=-2, dim2=-1).log().sum(-1)
             if mask is None:
                 m, P = m_new, P_new
-                observed = torch.ones_like(log_p, dtype=torch.bool)
+                if t >= skip_first:
+                    log_likelihood = log_likelihood + log_p
             else:
                 observed = mask[:, t]
                 m = torch.where(observed[:, None], m_new, m_pred)
                 P = torch.where(observed[:, None, None], P_new, P_pred)
-            if t >= skip_first:
-                log_likelihood = log_likelihood + torch.where(observed, log_p, torch.zeros_like(log_p))
+                if t >= skip_first:
+                    log_likelihood = log_likelihood + torch.where(observed, log_p, torch.zeros_like(log_p))
             pred_m.append(m_pred), pred_P.append(P_pred), filt_m.append(m), filt_P.append(P)
         stack = lambda items: torch.stack(items, dim=1)
         return KalmanResult(stack(pred_m), stack(pred_P), stack(filt_m), stack(filt_P), log_likelihood)
