@@ -82,6 +82,7 @@ class ExplodingModel(VAE):
             pyro.sample("x", dist.Normal(logits, 1.0).to_event(1), obs=x)
 
 
+@pytest.mark.filterwarnings("ignore:Encountered NaN")
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     torch.manual_seed(0)
     ExplodingModel.calls = 0
