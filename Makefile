@@ -17,7 +17,7 @@ $(STAMP): setup.cfg pyproject.toml | $(BIN)/python
 	touch $(STAMP)
 
 lint: $(STAMP)
-	$(BIN)/ruff check models guides inference tests tutorials benchmarks
+	$(BIN)/ruff check .
 
 test: lint
 	MPLBACKEND=Agg $(BIN)/python -m pytest -q

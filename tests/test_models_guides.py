@@ -1,6 +1,5 @@
 """Models broadcast over sample dimensions; guides define the densities they claim."""
 
-import pyro
 import pyro.distributions as dist
 import pytest
 import torch
@@ -78,7 +77,8 @@ def test_rank1_precision_normal_matches_multivariate_normal():
     torch.manual_seed(0)
     loc, diag, u = torch.randn(3, 4), torch.rand(3, 4) + 0.5, torch.randn(3, 4)
     q = Rank1PrecisionNormal(loc, diag, u)
-    reference = dist.MultivariateNormal(loc, precision_matrix=torch.diag_embed(diag) + u[..., None] * u[..., None, :])
+    precision = torch.diag_embed(diag) + u[..., None] * u[..., None, :]
+    reference = dist.MultivariateNormal(loc, precision_matrix=precision)
     z = torch.randn(5, 3, 4)
     torch.testing.assert_close(q.log_prob(z), reference.log_prob(z), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(q.covariance_matrix, reference.covariance_matrix, atol=1e-5, rtol=1e-5)
