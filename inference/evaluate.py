@@ -24,6 +24,7 @@ import math
 import pyro
 import torch
 from pyro import poutine
+from pyro.poutine.util import site_is_subsample
 
 from inference.svi import max_plate_nesting
 
@@ -67,9 +68,9 @@ def _device(batch: dict):
     return next(iter(batch.values())).device
 
 
-def _default_chunk(batch_size: int, x_dim: int) -> int:
+def _default_chunk(batch_size: int, point_size: int) -> int:
     # Keep one chunk's decoder output near 2e7 numbers (80 MB in float32).
-    return max(1, int(2e7 // max(1, batch_size * x_dim)))
+    return max(1, int(2e7 // max(1, batch_size * point_size)))
 
 
 @torch.no_grad()
@@ -80,8 +81,9 @@ def importance_sampling(model, guide, data: dict, num_samples: int = 1000,
     from tqdm.auto import tqdm
 
     model.eval(), guide.eval()
-    x_dim = getattr(model, "x_dim", 1000)
-    chunk_size = chunk_size or _default_chunk(batch_size, x_dim)
+    # One data point's size: D for an image, T * D for a sequence.
+    point_size = next(iter(data.values()))[0].numel()
+    chunk_size = chunk_size or _default_chunk(batch_size, point_size)
     results = {"log_likelihood": [], "elbo": [], "kl": []}
     batches = list(_chunks(data, batch_size))
     nesting = None
@@ -121,7 +123,8 @@ def posterior_means(guide, data: dict, batch_size: int = 500, num_samples: int =
             with pyro.plate("particles", num_samples, dim=-2):
                 trace = poutine.trace(guide).get_trace(**batch)
             site_means = {name: site["value"].mean(0) for name, site in trace.nodes.items()
-                          if site["type"] == "sample" and not site["is_observed"]}
+                          if site["type"] == "sample" and not site["is_observed"]
+                          and not site_is_subsample(site)}
         for name, mean in site_means.items():
             means.setdefault(name, []).append(mean.cpu())
     return {name: torch.cat(values) for name, values in means.items()}

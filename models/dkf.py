@@ -91,26 +91,40 @@ def sequence_lengths(mask: torch.Tensor) -> torch.Tensor:
 # The shared generative story
 
 
-class StateSpaceModel(PyroModule):
-    """z_1 ~ p(z_1), z_t ~ p(z_t | z_{t-1}, u_{t-1}), x_t ~ p(x_t | z_t).
+class Dynamics(nn.Module):
+    """The three distributions of a state-space model, each with event shape (dim,) and
+    broadcasting over any leading dimensions of its inputs:
 
-    Subclasses define ``initial_dist()``, ``transition_dist(z_prev, u_prev)`` and
-    ``emission_dist(z)``, each a distribution with event shape (dim,) that broadcasts
-    over any leading dimensions of its inputs.
+        initial()               p(z_1)
+        transition(z, u)        p(z_t | z_{t-1} = z, u_{t-1} = u)
+        emission(z)             p(x_t | z_t = z)
+
+    A plain ``nn.Module``: the model fetches it once per call, so Pyro registers its
+    parameters once per trace rather than once per time step.
     """
 
     x_dim: int
     z_dim: int
     u_dim: int
 
-    def initial_dist(self):
+    def initial(self):
         raise NotImplementedError
 
-    def transition_dist(self, z_prev: torch.Tensor, u_prev: torch.Tensor | None):
+    def transition(self, z_prev: torch.Tensor, u_prev: torch.Tensor | None):
         raise NotImplementedError
 
-    def emission_dist(self, z: torch.Tensor):
+    def emission(self, z: torch.Tensor):
         raise NotImplementedError
+
+
+class StateSpaceModel(PyroModule):
+    """z_1 ~ p(z_1), z_t ~ p(z_t | z_{t-1}, u_{t-1}), x_t ~ p(x_t | z_t), with the three
+    distributions given by ``dynamics`` (see :class:`Dynamics`)."""
+
+    def __init__(self, dynamics: Dynamics):
+        super().__init__()
+        self.x_dim, self.z_dim, self.u_dim = dynamics.x_dim, dynamics.z_dim, dynamics.u_dim
+        self.dynamics = dynamics
 
     def forward(self, x: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 u: torch.Tensor | None = None, batch_size: int | None = None,
@@ -124,16 +138,17 @@ class StateSpaceModel(PyroModule):
             batch_size, num_steps = u.shape[:2]
         if batch_size is None or num_steps is None:
             raise ValueError("to generate, pass batch_size and num_steps (or controls u)")
+        p = self.dynamics
         states = []
         with pyro.plate("sequences", batch_size, dim=-1):
             z = None
             for t in pyro.markov(range(num_steps)):
-                prior = self.initial_dist() if t == 0 else self.transition_dist(z, _at(u, t - 1))
+                prior = p.initial() if t == 0 else p.transition(z, _at(u, t - 1))
                 with poutine.mask(mask=True if mask is None else mask[:, t]):
                     z = pyro.sample(f"z_{t + 1}", prior)
                 states.append(z)
             z_all = torch.stack(states, dim=-2)
-            emission = self.emission_dist(z_all)
+            emission = p.emission(z_all)  # all time steps at once
             if mask is not None:
                 emission = emission.mask(mask)
             x = pyro.sample("x", emission.to_event(1), obs=x)
@@ -144,6 +159,7 @@ class StateSpaceModel(PyroModule):
         """Draw (z, x) of shapes (N, T, z_dim), (N, T, x_dim) from the model."""
         return self.forward(batch_size=batch_size, num_steps=num_steps, u=u)
 
+    @torch.no_grad()
     def rollout(self, z: torch.Tensor, num_steps: int, u: torch.Tensor | None = None):
         """Roll the transition forward from states ``z`` (..., N, z_dim).
 
@@ -151,12 +167,13 @@ class StateSpaceModel(PyroModule):
         ``num_steps - 1`` states. Returns sampled future states (..., N, num_steps, z_dim)
         and the emission distribution p(x | z) of each future state (event shape (x_dim,)).
         """
+        p = self.dynamics
         future = []
         for k in range(num_steps):
-            z = self.transition_dist(z, _at(u, k)).sample()
+            z = p.transition(z, _at(u, k)).sample()
             future.append(z)
         z_future = torch.stack(future, dim=-2)
-        return z_future, self.emission_dist(z_future)
+        return z_future, p.emission(z_future)
 
 
 def _at(tensor: torch.Tensor | None, t: int) -> torch.Tensor | None:
@@ -225,6 +242,30 @@ class SequenceEmission(nn.Module):
         return dist.Normal(loc, softplus(raw_scale) + 1e-3).to_event(1)
 
 
+class DeepMarkovDynamics(Dynamics):
+    """The deep Markov model's distributions: learned N(mu_0, diag sigma_0^2), the gated
+    transition, and an MLP emission."""
+
+    def __init__(self, x_dim: int, z_dim: int, u_dim: int, transition_hidden: int,
+                 emission_hidden: tuple[int, ...], emission: str):
+        super().__init__()
+        self.x_dim, self.z_dim, self.u_dim = x_dim, z_dim, u_dim
+        self.mu_0 = nn.Parameter(torch.zeros(z_dim))
+        self.raw_sigma_0 = nn.Parameter(torch.zeros(z_dim))  # sigma_0 = softplus(raw) + 1e-4 ~ 0.69
+        self.gated_transition = GatedTransition(z_dim, u_dim, transition_hidden)
+        self.emitter = SequenceEmission(z_dim, x_dim, tuple(emission_hidden), emission)
+
+    def initial(self):
+        return dist.Normal(self.mu_0, softplus(self.raw_sigma_0) + 1e-4).to_event(1)
+
+    def transition(self, z_prev, u_prev=None):
+        loc, scale = self.gated_transition(z_prev, u_prev)
+        return dist.Normal(loc, scale).to_event(1)
+
+    def emission(self, z):
+        return self.emitter(z)
+
+
 class DeepMarkovModel(StateSpaceModel):
     """Deep Kalman Filter / deep Markov model (Krishnan, Shalit & Sontag 2015, 2017).
 
@@ -238,23 +279,9 @@ class DeepMarkovModel(StateSpaceModel):
 
     def __init__(self, x_dim: int, z_dim: int = 16, u_dim: int = 0, transition_hidden: int = 200,
                  emission_hidden: tuple[int, ...] = (100, 100), emission: str = "bernoulli"):
-        super().__init__()
-        self.x_dim, self.z_dim, self.u_dim = x_dim, z_dim, u_dim
+        super().__init__(DeepMarkovDynamics(x_dim, z_dim, u_dim, transition_hidden,
+                                            emission_hidden, emission))
         self.emission_kind = emission
-        self.mu_0 = nn.Parameter(torch.zeros(z_dim))
-        self.raw_sigma_0 = nn.Parameter(torch.zeros(z_dim))  # sigma_0 = softplus(raw) + 1e-4 ~ 0.69
-        self.transition = GatedTransition(z_dim, u_dim, transition_hidden)
-        self.emitter = SequenceEmission(z_dim, x_dim, tuple(emission_hidden), emission)
-
-    def initial_dist(self):
-        return dist.Normal(self.mu_0, softplus(self.raw_sigma_0) + 1e-4).to_event(1)
-
-    def transition_dist(self, z_prev, u_prev=None):
-        loc, scale = self.transition(z_prev, u_prev)
-        return dist.Normal(loc, scale).to_event(1)
-
-    def emission_dist(self, z):
-        return self.emitter(z)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -299,19 +326,11 @@ def _symmetric(matrix: torch.Tensor) -> torch.Tensor:
     return 0.5 * (matrix + matrix.transpose(-1, -2))
 
 
-class LinearGaussianSSM(StateSpaceModel):
-    """Linear-Gaussian state-space model (the Kalman filter's model):
+class LinearGaussianDynamics(Dynamics):
+    """z_1 ~ N(mu_0, Sigma_0), z_t ~ N(A z_{t-1} + B u_{t-1} + b, Q), x_t ~ N(C z_t + d, R).
 
-        z_1 ~ N(mu_0, Sigma_0)
-        z_t ~ N(A z_{t-1} + B u_{t-1} + b, Q)
-        x_t ~ N(C z_t + d, R)
-
-    Covariances are stored as Cholesky factors with log-diagonals, so any real
-    parameter values give a valid model. ``set_parameters`` assigns values in the
-    natural parameterization; ``requires_grad_(False)`` holds the model fixed while a
-    guide is trained. Exact inference: ``log_likelihood``, ``filter``, ``smooth``,
-    ``forecast`` (batched over sequences; a masked x_t is treated as missing, so the
-    filter predicts through it and padding at the end changes nothing).
+    Covariances are stored as Cholesky factors with log-diagonals, so any real parameter
+    values give a valid model.
     """
 
     def __init__(self, x_dim: int, z_dim: int, u_dim: int = 0):
@@ -326,8 +345,6 @@ class LinearGaussianSSM(StateSpaceModel):
         self.raw_Sigma_0 = nn.Parameter(torch.zeros(z_dim, z_dim))
         self.raw_Q = nn.Parameter(torch.full((z_dim, z_dim), -1.0).tril())
         self.raw_R = nn.Parameter(torch.full((x_dim, x_dim), -1.0).tril())
-
-    # Natural parameters -------------------------------------------------------------------
 
     @property
     def Sigma_0_tril(self):
@@ -353,8 +370,23 @@ class LinearGaussianSSM(StateSpaceModel):
     def R(self):
         return self.R_tril @ self.R_tril.T
 
+    def initial(self):
+        return dist.MultivariateNormal(self.mu_0, scale_tril=self.Sigma_0_tril)
+
+    def transition(self, z_prev, u_prev=None):
+        return dist.MultivariateNormal(self.transition_mean(z_prev, u_prev), scale_tril=self.Q_tril)
+
+    def emission(self, z):
+        return dist.MultivariateNormal(_mv(self.C, z) + self.d, scale_tril=self.R_tril)
+
+    def transition_mean(self, z_prev, u_prev=None):
+        mean = _mv(self.A, z_prev) + self.b
+        if u_prev is not None and self.u_dim > 0:
+            mean = mean + _mv(self.B, u_prev)
+        return mean
+
     @torch.no_grad()
-    def set_parameters(self, **values) -> LinearGaussianSSM:
+    def set_parameters(self, **values) -> LinearGaussianDynamics:
         """Assign any of A, B, b, C, d, mu_0 (as they are) and Sigma_0, Q, R (covariances).
 
         A scalar means that value times the identity for a matrix (a covariance too) and
@@ -376,22 +408,38 @@ class LinearGaussianSSM(StateSpaceModel):
             target.copy_(_raw_from_cov(value) if name in covariances else value)
         return self
 
-    # The generative story --------------------------------------------------------------
 
-    def initial_dist(self):
-        return dist.MultivariateNormal(self.mu_0, scale_tril=self.Sigma_0_tril)
+class LinearGaussianSSM(StateSpaceModel):
+    """Linear-Gaussian state-space model (the Kalman filter's model):
 
-    def transition_dist(self, z_prev, u_prev=None):
-        return dist.MultivariateNormal(self._transition_mean(z_prev, u_prev), scale_tril=self.Q_tril)
+        z_1 ~ N(mu_0, Sigma_0)
+        z_t ~ N(A z_{t-1} + B u_{t-1} + b, Q)
+        x_t ~ N(C z_t + d, R)
 
-    def emission_dist(self, z):
-        return dist.MultivariateNormal(_mv(self.C, z) + self.d, scale_tril=self.R_tril)
+    ``set_parameters`` assigns values in the natural parameterization (the parameters live
+    in ``self.dynamics``; ``A``, ``Q``, ... read them); ``requires_grad_(False)`` holds the
+    model fixed while a guide is trained. Exact inference: ``log_likelihood``, ``filter``,
+    ``smooth``, ``forecast``, batched over sequences; a masked x_t is treated as missing, so
+    the filter predicts through it and padding at the end changes nothing.
+    """
 
-    def _transition_mean(self, z_prev, u_prev):
-        mean = _mv(self.A, z_prev) + self.b
-        if u_prev is not None and self.u_dim > 0:
-            mean = mean + _mv(self.B, u_prev)
-        return mean
+    def __init__(self, x_dim: int, z_dim: int, u_dim: int = 0):
+        super().__init__(LinearGaussianDynamics(x_dim, z_dim, u_dim))
+
+    def set_parameters(self, **values) -> LinearGaussianSSM:
+        """See :meth:`LinearGaussianDynamics.set_parameters`. Returns self."""
+        self.dynamics.set_parameters(**values)
+        return self
+
+    A = property(lambda self: self.dynamics.A)
+    B = property(lambda self: self.dynamics.B)
+    b = property(lambda self: self.dynamics.b)
+    C = property(lambda self: self.dynamics.C)
+    d = property(lambda self: self.dynamics.d)
+    mu_0 = property(lambda self: self.dynamics.mu_0)
+    Sigma_0 = property(lambda self: self.dynamics.Sigma_0)
+    Q = property(lambda self: self.dynamics.Q)
+    R = property(lambda self: self.dynamics.R)
 
     # Exact inference -------------------------------------------------------------------
 
@@ -406,30 +454,31 @@ class LinearGaussianSSM(StateSpaceModel):
         """
         mask = check_sequences(x, mask, u, x_dim=self.x_dim, u_dim=self.u_dim)
         N, T, D = x.shape
-        A, Q, C, R, d = self.A, self.Q, self.C, self.R, self.d  # computed once, not once per step
+        p = self.dynamics
+        A, Q, C, R, d = p.A, p.Q, p.C, p.R, p.d  # computed once, not once per step
         At, Ct = A.T, C.T
-        eye = torch.eye(self.z_dim, dtype=x.dtype, device=x.device)
         log_2pi = math.log(2 * math.pi)
         pred_m, pred_P, filt_m, filt_P = [], [], [], []
         log_likelihood = x.new_zeros(N)
         m = P = None
         for t in range(T):
             if t == 0:
-                m_pred = self.mu_0.expand(N, self.z_dim)
-                P_pred = self.Sigma_0.expand(N, self.z_dim, self.z_dim)
+                m_pred = p.mu_0.expand(N, self.z_dim)
+                P_pred = p.Sigma_0.expand(N, self.z_dim, self.z_dim)
             else:
-                m_pred = self._transition_mean(m, _at(u, t - 1))
+                m_pred = p.transition_mean(m, _at(u, t - 1))
                 P_pred = _symmetric(A @ P @ At + Q)
-            # Update with x_t: innovation v, its covariance S = C P C^T + R, gain K = P C^T S^-1.
+            # Update with x_t. Innovation v = x_t - C m - d, S = C P C^T + R = L L^T. With
+            # W = L^-1 C P and w = L^-1 v:  m <- m + W^T w,  P <- P - W^T W,
+            # log p(x_t | x_{<t}) = -|w|^2 / 2 - log det L - D/2 log 2 pi.
             v = x[:, t] - (m_pred @ Ct + d)
-            PCt = P_pred @ Ct
-            L = torch.linalg.cholesky(_symmetric(C @ PCt + R))
-            K = torch.cholesky_solve(PCt.transpose(-1, -2), L).transpose(-1, -2)
-            m_new = m_pred + _mv(K, v)
-            IKC = eye - K @ C
-            P_new = _symmetric(IKC @ P_pred @ IKC.transpose(-1, -2) + K @ R @ K.transpose(-1, -2))  # Joseph
-            white = torch.linalg.solve_triangular(L, v.unsqueeze(-1), upper=False).squeeze(-1)
-            log_p = -0.5 * (white.pow(2).sum(-1) + D * log_2pi) - L.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+            CP = C @ P_pred
+            L = torch.linalg.cholesky(CP @ Ct + R)
+            Ww = torch.linalg.solve_triangular(L, torch.cat([CP, v.unsqueeze(-1)], dim=-1), upper=False)
+            W, w = Ww[..., :-1], Ww[..., -1]
+            m_new = m_pred + (W.transpose(-1, -2) @ w.unsqueeze(-1)).squeeze(-1)
+            P_new = P_pred - W.transpose(-1, -2) @ W
+            log_p = -0.5 * (w.pow(2).sum(-1) + D * log_2pi) - L.diagonal(dim1=-2, dim2=-1).log().sum(-1)
             if mask is None:
                 m, P = m_new, P_new
                 if t >= skip_first:
@@ -458,12 +507,12 @@ class LinearGaussianSSM(StateSpaceModel):
             P_{t|T} = P_{t|t} + J_t (P_{t+1|T} - P_{t+1|t}) J_t^T
         """
         result = self.filter(x, mask, u)
-        T = x.shape[1]
+        A, T = self.dynamics.A, x.shape[1]
         means, covs = [result.filtered_means[:, -1]], [result.filtered_covs[:, -1]]
         for t in range(T - 2, -1, -1):
             P_f, P_p = result.filtered_covs[:, t], result.predicted_covs[:, t + 1]
             # J = P_f A^T P_p^-1, computed as a solve of the symmetric system P_p J^T = A P_f.
-            J = torch.linalg.solve(P_p, self.A @ P_f).transpose(-1, -2)
+            J = torch.linalg.solve(P_p, A @ P_f).transpose(-1, -2)
             means.append(result.filtered_means[:, t] + _mv(J, means[-1] - result.predicted_means[:, t + 1]))
             covs.append(_symmetric(P_f + J @ (covs[-1] - P_p) @ J.transpose(-1, -2)))
         return torch.stack(means[::-1], dim=1), torch.stack(covs[::-1], dim=1)
@@ -485,15 +534,17 @@ class LinearGaussianSSM(StateSpaceModel):
         last = (sequence_lengths(mask) if mask is not None else torch.full((x.shape[0],), x.shape[1])) - 1
         rows = torch.arange(x.shape[0])
         m, P = result.filtered_means[rows, last], result.filtered_covs[rows, last]
+        p = self.dynamics
+        A, Q, C, R = p.A, p.Q, p.C, p.R
         z_means, z_covs = [], []
         for k in range(num_steps):
             u_k = None if u is None else u[rows, last + k]
-            m = self._transition_mean(m, u_k)
-            P = _symmetric(self.A @ P @ self.A.T + self.Q)
+            m = p.transition_mean(m, u_k)
+            P = _symmetric(A @ P @ A.T + Q)
             z_means.append(m), z_covs.append(P)
         z_means, z_covs = torch.stack(z_means, 1), torch.stack(z_covs, 1)
-        x_means = _mv(self.C, z_means) + self.d
-        x_covs = _symmetric(self.C @ z_covs @ self.C.T + self.R)
+        x_means = _mv(C, z_means) + p.d
+        x_covs = _symmetric(C @ z_covs @ C.T + R)
         return Forecast(z_means, z_covs, x_means, x_covs)
 
     def last_state(self, x: torch.Tensor, mask: torch.Tensor | None = None, u: torch.Tensor | None = None):
