@@ -40,6 +40,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
+    return value
+
+
 def _int_list(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(",") if v)
@@ -85,6 +92,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="what a conditional VAE is conditioned on")
     group.add_argument("--masking-noise", type=float, default=0.25,
                        help="probability of masking an input pixel (denoising guide)")
+    group.add_argument("--flow-length", type=_positive_int, default=8,
+                       help="flow steps K of a flow guide (planar, radial, householder, sylvester, iaf)")
+    group.add_argument("--laplace-steps", type=_non_negative_int, default=4,
+                       help="Newton refinements T of the Laplace guide (VLAE)")
     group.add_argument("--is-samples", type=_positive_int, default=1000,
                        help="K for the test importance-sampled log-likelihood")
 
@@ -141,7 +152,8 @@ def _list() -> int:
 def _model_options(args) -> dict:
     return {"z_dim": args.z_dim, "z_dims": list(args.z_dims), "hidden": list(args.hidden),
             "likelihood": _likelihood(args), "condition": args.condition,
-            "masking_noise": args.masking_noise}
+            "masking_noise": args.masking_noise, "flow_length": args.flow_length,
+            "laplace_steps": args.laplace_steps}
 
 
 def _likelihood(args) -> str:

@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from guides.amortized import AmortizedDelta, AmortizedNormal, AmortizedRank1Normal
+from guides.flows import AmortizedFlow
+from guides.laplace import LaplaceGuide
 from inference.data import DATASETS
 from models.ppca import PPCA
 from models.vae import VAE, ConditionalVAE, DeepLatentGaussianModel, label_inputs, quadrant_inputs
@@ -37,10 +39,15 @@ class GuideEntry:
     families: tuple[str, ...]
     build: Callable  # (model, options) -> guide
     summary: str
+    excludes: tuple[str, ...] = ()  # models of those families that this guide cannot serve
 
 
 def _hidden(options: dict) -> tuple[int, ...]:
     return tuple(options.get("hidden", (400,)))
+
+
+def _flow_guide(kind: str) -> Callable:
+    return lambda m, o: AmortizedFlow(m, _hidden(o), flow=kind, flow_length=o.get("flow_length", 8))
 
 
 def _cvae_inputs(batch, dataset, options):
@@ -83,12 +90,27 @@ GUIDES: dict[str, GuideEntry] = {entry.name: entry for entry in [
     GuideEntry("denoising", (LATENT,), lambda m, o: AmortizedDelta(
         m, _hidden(o), o.get("masking_noise", 0.25)),
         "denoising autoencoder: delta guide fed inputs with masking noise"),
+    GuideEntry("planar", (LATENT,), _flow_guide("planar"),
+               "amortized Gaussian + K planar flow steps (Rezende & Mohamed 2015)"),
+    GuideEntry("radial", (LATENT,), _flow_guide("radial"),
+               "amortized Gaussian + K radial flow steps (Rezende & Mohamed 2015)"),
+    GuideEntry("householder", (LATENT,), _flow_guide("householder"),
+               "amortized Gaussian + K Householder reflections (Tomczak & Welling 2016)"),
+    GuideEntry("sylvester", (LATENT,), _flow_guide("sylvester"),
+               "amortized Gaussian + K Householder-Sylvester steps (van den Berg et al. 2018)"),
+    GuideEntry("iaf", (LATENT,), _flow_guide("iaf"),
+               "amortized Gaussian + K IAF steps, MADE with encoder context (Kingma et al. 2016)"),
+    GuideEntry("laplace", (LATENT,),
+               lambda m, o: LaplaceGuide(m, _hidden(o), steps=o.get("laplace_steps", 4)),
+               "VLAE: full-covariance Laplace posterior after T Newton refinements (Park et al. 2019)",
+               excludes=("dlgm",)),  # one latent site only
 ]}
 
 
 def valid_guides(model: str) -> list[str]:
     family = model_entry(model).family
-    return [name for name, entry in GUIDES.items() if family in entry.families]
+    return [name for name, entry in GUIDES.items()
+            if family in entry.families and model not in entry.excludes]
 
 
 def model_entry(name: str) -> ModelEntry:
