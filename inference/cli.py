@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 
 from inference import registry
-from inference.data import DATASETS, load_dataset
 from inference.svi import CHECKPOINT, FINAL_WEIGHTS, NonFiniteLossError, fit, load_weights
 
 EXIT_USAGE = 2
@@ -83,11 +82,13 @@ def _parser() -> argparse.ArgumentParser:
     group.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
     group.add_argument("--no-progress", action="store_true")
     group = fit_cmd.add_argument_group("model and guide")
-    group.add_argument("--z-dim", type=_positive_int, default=20)
+    group.add_argument("--z-dim", type=_positive_int, default=None,
+                       help="latent size (default: the model's own, e.g. 20 for vae, 16 for dmm)")
     group.add_argument("--z-dims", type=_int_list, default=(20, 10),
                        help="DLGM layer sizes from the data up, e.g. 20,10")
     group.add_argument("--hidden", type=_int_list, default=(400,))
-    group.add_argument("--likelihood", choices=("bernoulli", "gaussian"), default="bernoulli")
+    group.add_argument("--likelihood", choices=("bernoulli", "gaussian"), default=None,
+                       help="default: bernoulli for images, what the data needs for sequences")
     group.add_argument("--condition", choices=("label", "quadrant"), default="label",
                        help="what a conditional VAE is conditioned on")
     group.add_argument("--masking-noise", type=float, default=0.25,
@@ -96,6 +97,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="flow steps K of a flow guide (planar, radial, householder, sylvester, iaf)")
     group.add_argument("--laplace-steps", type=_non_negative_int, default=4,
                        help="Newton refinements T of the Laplace guide (VLAE)")
+    group.add_argument("--rnn-dim", type=_positive_int, default=None,
+                       help="RNN size of a structured inference network (default 600, as the paper)")
+    group.add_argument("--num-iafs", type=_non_negative_int, default=0,
+                       help="IAF steps after each q(z_t | ...) of a structured inference network")
     group.add_argument("--is-samples", type=_positive_int, default=1000,
                        help="K for the test importance-sampled log-likelihood")
 
@@ -145,27 +150,36 @@ def _list() -> int:
     print("valid pairs:")
     for name in registry.MODELS:
         print(f"  {name:<10} {', '.join(registry.valid_guides(name))}")
-    print(f"datasets: {', '.join(DATASETS)}")
+    for family, datasets in registry.FAMILY_DATASETS.items():
+        print(f"datasets ({family}): {', '.join(datasets)}")
     return 0
 
 
 def _model_options(args) -> dict:
-    return {"z_dim": args.z_dim, "z_dims": list(args.z_dims), "hidden": list(args.hidden),
-            "likelihood": _likelihood(args), "condition": args.condition,
-            "masking_noise": args.masking_noise, "flow_length": args.flow_length,
-            "laplace_steps": args.laplace_steps}
+    """Options for the registry's builders; those left unset take each model's own default."""
+    options = {"z_dim": args.z_dim, "z_dims": list(args.z_dims), "hidden": list(args.hidden),
+               "likelihood": _likelihood(args), "condition": args.condition,
+               "masking_noise": args.masking_noise, "flow_length": args.flow_length,
+               "laplace_steps": args.laplace_steps, "rnn_dim": args.rnn_dim,
+               "num_iafs": args.num_iafs}
+    return {name: value for name, value in options.items() if value is not None}
 
 
-def _likelihood(args) -> str:
-    """The asked-for pixel likelihood, or the model's only one (pPCA is Gaussian)."""
+def _likelihood(args) -> str | None:
+    """The asked-for likelihood if the model has it, else the model's first (pPCA: Gaussian)."""
     supported = registry.model_entry(args.model).likelihoods
+    if args.likelihood is None:
+        return None
     return args.likelihood if args.likelihood in supported else supported[0]
 
 
 def _binarize(args) -> str | None:
+    """Images scored by Bernoulli pixels are binarized afresh every minibatch by default."""
+    if registry.model_entry(args.model).family != registry.LATENT:
+        return None
     if args.binarize is None:
-        likelihood = _likelihood(args)
-        return "dynamic" if likelihood == "bernoulli" else None
+        supported = registry.model_entry(args.model).likelihoods
+        return "dynamic" if (_likelihood(args) or supported[0]) == "bernoulli" else None
     return None if args.binarize == "none" else args.binarize
 
 
@@ -185,8 +199,8 @@ def _fit(args) -> int:
                       "lr_decay": args.lr_decay, "num_particles": args.num_particles,
                       "kl_anneal_epochs": args.kl_anneal, "patience": args.patience,
                       "seed": args.seed}}
-    dataset = load_dataset(args.data, root=args.data_root, download=args.download,
-                           binarize=config["binarize"])
+    dataset = registry.load_data(args.model, args.data, root=args.data_root, download=args.download,
+                                 binarize=config["binarize"])
     torch.manual_seed(args.seed)  # network initialisation
     model, guide, inputs = registry.build(args.model, args.guide, dataset, config["options"])
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -216,8 +230,8 @@ def _evaluate(args) -> int:
         raise UsageError(f"{args.run} is not a finished run folder (needs config.json and "
                          f"{FINAL_WEIGHTS}); fit one with `bayeszoo fit`")
     config = json.loads(config_path.read_text())
-    dataset = load_dataset(config["data"], root=args.data_root, download=args.download,
-                           binarize=config["binarize"])
+    dataset = registry.load_data(config["model"], config["data"], root=args.data_root,
+                                 download=args.download, binarize=config["binarize"])
     model, guide, inputs = registry.build(config["model"], config["guide"], dataset,
                                           config["options"])
     load_weights(args.run / FINAL_WEIGHTS, model, guide)
@@ -237,11 +251,23 @@ def _score(model, guide, dataset, inputs, is_samples: int, device: str,
            progress: bool = True) -> dict:
     from inference.evaluate import evaluate
 
-    return evaluate(model, guide, _eval_inputs(dataset, inputs, "test"), num_samples=is_samples,
-                    device=device, progress=progress)
+    test = _eval_inputs(dataset, inputs, "test")
+    if "mask" not in test:
+        return evaluate(model, guide, test, num_samples=is_samples, device=device, progress=progress)
+    # Sequences: per-sequence totals and, as in Krishnan et al. (2017), nats per time step.
+    scores = evaluate(model, guide, test, num_samples=is_samples, device=device, progress=progress,
+                      count_active_units=False)
+    sequences_per_step = scores["num_points"] / float(test["mask"].sum())
+    for name in ("is_log_likelihood", "elbo", "kl"):
+        scores[f"{name}_per_step"] = scores[name] * sequences_per_step
+    return scores
 
 
 def _summary(scores: dict) -> str:
+    if "elbo_per_step" in scores:
+        return (f"test: IS log-likelihood {scores['is_log_likelihood_per_step']:.3f} nats per time "
+                f"step (K={scores['is_samples']}), ELBO {scores['elbo_per_step']:.3f} per step, "
+                f"KL {scores['kl_per_step']:.3f} per step")
     return (f"test: IS log-likelihood {scores['is_log_likelihood']:.2f} nats "
             f"(K={scores['is_samples']}), ELBO {scores['elbo']:.2f}, KL {scores['kl']:.2f}, "
             f"active units {scores['active_units']}")
@@ -261,13 +287,22 @@ def _write_figures(run_dir: Path, model, guide, dataset, inputs, history) -> Non
     import matplotlib.pyplot as plt
 
     from inference import plots
+
+    figures = {"training.png": plots.training_curves(history)}
+    if hasattr(dataset, "image_shape"):
+        figures.update(_image_figures(model, guide, dataset, inputs))
+    for name, figure in figures.items():
+        figure.savefig(run_dir / name, dpi=100)
+        plt.close(figure)
+
+
+def _image_figures(model, guide, dataset, inputs) -> dict:
+    """Reconstructions, samples, the latent space and (for 2-D z) the decoded latent grid."""
+    from inference import plots
     from inference.evaluate import posterior_means
 
     test = _eval_inputs(dataset, inputs, "test")
-    figures = {
-        "training.png": plots.training_curves(history),
-        "reconstructions.png": plots.reconstructions(model, guide, test, dataset.image_shape),
-    }
+    figures = {"reconstructions.png": plots.reconstructions(model, guide, test, dataset.image_shape)}
     if "c" in test:
         figures["samples.png"] = plots.samples(model, dataset.image_shape, c=test["c"][:10])
     else:
@@ -278,9 +313,7 @@ def _write_figures(run_dir: Path, model, guide, dataset, inputs, history) -> Non
                                                  f"E[{first_site} | x] on the test set")
     if getattr(model, "latent_sites", {}).get("z") == 2 and "c" not in test:
         figures["manifold.png"] = plots.latent_manifold(model, dataset.image_shape)
-    for name, figure in figures.items():
-        figure.savefig(run_dir / name, dpi=100)
-        plt.close(figure)
+    return figures
 
 
 if __name__ == "__main__":

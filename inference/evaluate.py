@@ -138,11 +138,11 @@ def active_units(guide, data: dict, threshold: float = 0.01, **kwargs) -> dict[s
 
 
 def evaluate(model, guide, data: dict, num_samples: int = 1000, batch_size: int = 100,
-             device="cpu", progress: bool = False) -> dict:
+             device="cpu", progress: bool = False, count_active_units: bool = True) -> dict:
     """Summary scores of a fitted pair on ``data`` (means over points, nats per point)."""
     per_point = importance_sampling(model, guide, data, num_samples, batch_size,
                                     device=device, progress=progress)
-    units = active_units(guide, data, device=device)
+    units = active_units(guide, data, device=device) if count_active_units else {}
     return {
         "is_log_likelihood": per_point["log_likelihood"].mean().item(),
         "is_samples": num_samples,

@@ -1,9 +1,10 @@
 """Names for every model, guide and dataset, which pairs are valid, and how to build them.
 
-A model entry knows its family and how to turn a dataset minibatch ``{"x", "y"}``
-into the model's keyword inputs (``inputs``). A guide entry lists the families it
-serves and builds itself from the model. ``check_pair`` is called before any data
-is loaded or any training starts, so a typo costs nothing.
+A model entry knows its family and how to turn a dataset minibatch (``{"x", "y"}`` for
+images, ``{"x", "mask", ...}`` for sequences) into the model's keyword inputs (``inputs``).
+A guide entry lists the families it serves and builds itself from the model. Each family
+has its datasets. ``check_pair`` is called before any data is loaded or any training
+starts, so a typo costs nothing.
 """
 
 from __future__ import annotations
@@ -12,9 +13,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from guides.amortized import AmortizedDelta, AmortizedNormal, AmortizedRank1Normal
+from guides.dkf import StructuredInferenceNetwork, structure_names
 from guides.flows import AmortizedFlow
 from guides.laplace import LaplaceGuide
-from inference.data import DATASETS
+from inference.data import DATASETS, load_dataset
+from inference.sequences import load_sequence_dataset
+from models.dkf import DeepMarkovModel, LinearGaussianSSM
 from models.ppca import PPCA
 from models.vae import VAE, ConditionalVAE, DeepLatentGaussianModel, label_inputs, quadrant_inputs
 
@@ -50,6 +54,11 @@ def _flow_guide(kind: str) -> Callable:
     return lambda m, o: AmortizedFlow(m, _hidden(o), flow=kind, flow_length=o.get("flow_length", 8))
 
 
+def _inference_network(structure: str) -> Callable:
+    return lambda m, o: StructuredInferenceNetwork(
+        m, structure, o.get("rnn_dim", 600), num_iafs=o.get("num_iafs", 0))
+
+
 def _cvae_inputs(batch, dataset, options):
     if options.get("condition", "label") == "label":
         return label_inputs(batch["x"], batch["y"], dataset.num_classes)
@@ -60,24 +69,43 @@ def _cvae_context_dim(dataset, options) -> int:
     return dataset.num_classes if options.get("condition", "label") == "label" else dataset.x_dim
 
 
+def _sequence_inputs(batch, dataset, options):
+    return {k: batch[k] for k in ("x", "mask", "u") if k in batch}
+
+
+def _dmm_emission(dataset, options) -> str:
+    # JSB chorales are binary piano rolls; the synthetic sets are real-valued.
+    return options.get("likelihood") or ("bernoulli" if dataset.name == "jsb" else "gaussian")
+
+
 LATENT = "latent-variable"
+STATE_SPACE = "state-space"
+FAMILY_DATASETS = {LATENT: DATASETS, STATE_SPACE: ("linear-gaussian", "pendulum", "jsb")}
 
 MODELS: dict[str, ModelEntry] = {entry.name: entry for entry in [
     ModelEntry("vae", LATENT, lambda data, o: VAE(
-        data.x_dim, o.get("z_dim", 20), _hidden(o), o.get("likelihood", "bernoulli")),
+        data.x_dim, o.get("z_dim", 20), _hidden(o), o.get("likelihood") or "bernoulli"),
         "variational autoencoder, Bernoulli or Gaussian pixels (Kingma & Welling 2014)"),
     ModelEntry("cvae", LATENT, lambda data, o: ConditionalVAE(
         data.x_dim, _cvae_context_dim(data, o), o.get("z_dim", 20), _hidden(o),
-        o.get("likelihood", "bernoulli")),
+        o.get("likelihood") or "bernoulli"),
         "conditional VAE on the class label or an observed quadrant (Sohn et al. 2015)",
         _cvae_inputs),
     ModelEntry("dlgm", LATENT, lambda data, o: DeepLatentGaussianModel(
         data.x_dim, tuple(o.get("z_dims", (20, 10))), _hidden(o)[0],
-        o.get("likelihood", "bernoulli")),
+        o.get("likelihood") or "bernoulli"),
         "deep latent Gaussian model, L >= 2 stochastic layers (Rezende et al. 2014)"),
     ModelEntry("ppca", LATENT, lambda data, o: PPCA(data.x_dim, o.get("z_dim", 2)),
                "probabilistic PCA with exact posterior and marginal likelihood (the oracle)",
                likelihoods=("gaussian",)),
+    ModelEntry("dmm", STATE_SPACE, lambda data, o: DeepMarkovModel(
+        data.x_dim, o.get("z_dim", 16), data.u_dim, emission=_dmm_emission(data, o)),
+        "deep Kalman filter / deep Markov model, gated transition (Krishnan et al. 2015, 2017)",
+        _sequence_inputs),
+    ModelEntry("lgssm", STATE_SPACE, lambda data, o: LinearGaussianSSM(
+        data.x_dim, o.get("z_dim", 1), data.u_dim),
+        "linear-Gaussian state-space model: exact Kalman likelihood (the oracle)",
+        _sequence_inputs, likelihoods=("gaussian",)),
 ]}
 
 GUIDES: dict[str, GuideEntry] = {entry.name: entry for entry in [
@@ -104,6 +132,9 @@ GUIDES: dict[str, GuideEntry] = {entry.name: entry for entry in [
                lambda m, o: LaplaceGuide(m, _hidden(o), steps=o.get("laplace_steps", 4)),
                "VLAE: full-covariance Laplace posterior after T Newton refinements (Park et al. 2019)",
                excludes=("dlgm",)),  # one latent site only
+    *[GuideEntry(name, (STATE_SPACE,), _inference_network(name),
+                 f"structured inference network {name.upper()} (Krishnan et al. 2017)")
+      for name in structure_names()],
 ]}
 
 
@@ -132,8 +163,17 @@ def check_pair(model: str, guide: str, data: str | None = None) -> None:
     if guide not in valid_guides(model):
         raise RegistryError(f"guide {guide!r} does not fit model {model!r}; "
                             f"valid guides for {model}: {', '.join(valid_guides(model))}")
-    if data is not None and data not in DATASETS:
-        raise RegistryError(f"unknown dataset {data!r}; valid datasets: {', '.join(DATASETS)}")
+    datasets = FAMILY_DATASETS[MODELS[model].family]
+    if data is not None and data not in datasets:
+        raise RegistryError(f"unknown dataset {data!r} for {model}; valid datasets: {', '.join(datasets)}")
+
+
+def load_data(model: str, data: str, **kwargs):
+    """Load a dataset of the model's family (images: ``load_dataset``, sequences:
+    ``load_sequence_dataset``); keyword arguments go to the loader that takes them."""
+    if MODELS[model].family == STATE_SPACE:
+        return load_sequence_dataset(data, kwargs.get("root", "data"), kwargs.get("download", False))
+    return load_dataset(data, **kwargs)
 
 
 def build(model: str, guide: str, dataset, options: dict | None = None):

@@ -65,6 +65,10 @@ class SequenceDataset:
             raise ValueError(f"unknown split {which!r}; valid choices: {', '.join(SPLITS)}")
         return getattr(self, which)
 
+    def batch_transform(self, batch: dict, generator=None) -> dict:
+        """Sequences need no per-minibatch transform (images use it for binarization)."""
+        return batch
+
     def num_steps(self, which: str) -> int:
         """Observed time steps in a split (the denominator of per-step numbers)."""
         return int(self.split(which)["mask"].sum())

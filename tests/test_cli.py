@@ -18,7 +18,8 @@ def test_list_names_models_guides_pairs_and_datasets(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     for word in ("vae", "cvae", "dlgm", "ppca", "amortized", "rank1", "delta", "denoising",
-                 "digits", "mnist5k", "fashion-mnist", "valid pairs"):
+                 "digits", "mnist5k", "fashion-mnist", "valid pairs", "planar", "iaf", "laplace",
+                 "dmm", "lgssm", "st-lr", "dks", "linear-gaussian", "jsb"):
         assert word in out
 
 
@@ -29,6 +30,9 @@ def test_list_names_models_guides_pairs_and_datasets(capsys):
     (["fit", "vae", "--guide", "amortized", "--data", "digits", "--lr", "-1"], "--lr"),
     (["fit", "vae", "--guide", "amortized", "--data", "mnist", "--data-root", "nowhere"],
      "--download"),
+    (["fit", "dlgm", "--guide", "laplace", "--data", "digits"], "valid guides for dlgm"),
+    (["fit", "dmm", "--guide", "amortized", "--data", "pendulum"], "valid guides for dmm: mf-l"),
+    (["fit", "dmm", "--guide", "st-lr", "--data", "digits"], "valid datasets: linear-gaussian"),
     (["evaluate", "no/such/run"], "not a finished run folder"),
 ])
 def test_bad_input_is_one_line_and_status_2(capsys, tmp_path, argv, expected):
@@ -72,3 +76,15 @@ def test_resume_through_the_cli_reaches_the_requested_epochs(tmp_path):
     assert main(base + ["--epochs", "1"]) == 0
     assert main(base + ["--epochs", "2", "--resume"]) == 0
     assert [row["epoch"] for row in json.loads((run / "metrics.json").read_text())["history"]] == [1, 2]
+
+
+def test_state_space_fit_reports_nats_per_time_step(tmp_path):
+    run = tmp_path / "run"
+    argv = ["fit", "dmm", "--guide", "st-lr", "--data", "linear-gaussian", "--epochs", "1",
+            "--rnn-dim", "8", "--z-dim", "2", "--is-samples", "4", "--no-progress", "--out", str(run)]
+    assert main(argv) == 0
+    test = json.loads((run / "metrics.json").read_text())["test"]
+    # 500 test sequences of 25 steps: per-step numbers are the per-sequence ones / 25
+    assert test["elbo_per_step"] == pytest.approx(test["elbo"] / 25, rel=1e-6)
+    assert test["is_log_likelihood_per_step"] >= test["elbo_per_step"]
+    assert (run / "training.png").exists()
