@@ -78,7 +78,7 @@ def importance_sampling(model, guide, data: dict, num_samples: int = 1000,
                         batch_size: int = 100, chunk_size: int | None = None,
                         device="cpu", progress: bool = False) -> dict[str, torch.Tensor]:
     """Per-point IS log-likelihood (K = ``num_samples``), ELBO and KL, each a tensor (N,)."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     model.eval(), guide.eval()
     # One data point's size: D for an image, T * D for a sequence.

@@ -88,7 +88,7 @@ MODELS: dict[str, ModelEntry] = {entry.name: entry for entry in [
         "variational autoencoder, Bernoulli or Gaussian pixels (Kingma & Welling 2014)"),
     ModelEntry("cvae", LATENT, lambda data, o: ConditionalVAE(
         data.x_dim, _cvae_context_dim(data, o), o.get("z_dim", 20), _hidden(o),
-        o.get("likelihood") or "bernoulli"),
+        o.get("likelihood") or "bernoulli", o.get("prior", "learned")),
         "conditional VAE on the class label or an observed quadrant (Sohn et al. 2015)",
         _cvae_inputs),
     ModelEntry("dlgm", LATENT, lambda data, o: DeepLatentGaussianModel(

@@ -26,7 +26,7 @@ import torch
 from pyro import poutine
 from pyro.infer import Trace_ELBO
 from pyro.poutine.messenger import Messenger
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from inference.data import check_batch
 

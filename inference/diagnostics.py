@@ -1,0 +1,61 @@
+"""ArviZ diagnostics: the one place bayeszoo talks to ArviZ (written against the arviz 0.23 API).
+
+Everything else in bayeszoo works in torch tensors; the functions here convert to NumPy,
+call ArviZ and hand torch tensors back, so a change of ArviZ's API touches this file only.
+
+``psis_khat``: the Pareto k-hat of importance weights w_k = p(x, z_k) / q(z_k | x), z_k ~ q
+(Vehtari et al., "Pareto smoothed importance sampling", JMLR 2024; Yao et al., "Yes, but did
+it work?", ICML 2018). A generalized Pareto distribution is fitted to the largest weights; its
+shape k says how heavy their tail is, that is, how far q is from the posterior p(z | x):
+
+* k < 0.5        the weights have a finite variance: importance sampling (and the IS
+                 log-likelihood) is reliable, q is close to the posterior;
+* 0.5 <= k < 0.7 finite mean, infinite variance: usable, converges slowly;
+* k >= 0.7       q misses mass the posterior has; IS estimates are unreliable.
+
+Vehtari et al. (2024) refine the 0.7 threshold to min(1 - 1 / log10 S, 0.7) for S samples,
+which is 0.7 for S >= 2,154 (and lower below it).
+"""
+
+from __future__ import annotations
+
+import arviz as az
+import numpy as np
+import torch
+
+#: ArviZ fits the tail to the largest ceil(min(S / 5, 3 sqrt(S))) weights and needs more than
+#: four of them, so a k-hat needs at least this many samples per data point.
+MIN_PSIS_SAMPLES = 21
+
+
+def psis_khat(log_weights: torch.Tensor, rtol: float = 1e-5) -> torch.Tensor:
+    """Pareto k-hat of each column of ``log_weights`` (shape (S, N): S samples of N points,
+    the layout of ``inference.evaluate.log_weight_terms``), or of a single vector (S,).
+
+    Returns a float64 tensor of shape (N,) (or a 0-d tensor), on the CPU.
+
+    A column whose log weights are all equal, up to ``rtol`` times their largest magnitude
+    (float rounding of an exact posterior, as for pPCA with the Laplace guide), gets
+    k-hat = -inf: the weights are constant and importance sampling is exact. ArviZ itself
+    would return +inf there (it finds no tail to fit), which would read as the worst case.
+    A column with too few distinct large weights for a fit keeps ArviZ's +inf.
+
+    Raises ``ValueError`` for fewer than ``MIN_PSIS_SAMPLES`` samples (ArviZ would return +inf
+    for every column) and for NaN or +inf log weights.
+    """
+    weights = torch.as_tensor(log_weights).detach().to("cpu", torch.float64)
+    if weights.dim() not in (1, 2):
+        raise ValueError(f"log_weights must have shape (S,) or (S, N), got {tuple(weights.shape)}")
+    if weights.shape[0] < MIN_PSIS_SAMPLES:
+        raise ValueError(f"a Pareto k-hat needs at least {MIN_PSIS_SAMPLES} samples per point, "
+                         f"got {weights.shape[0]}")
+    if torch.isnan(weights).any() or (weights == float("inf")).any():
+        raise ValueError("log_weights contain NaN or +inf")
+    columns = weights.reshape(weights.shape[0], -1)
+    _, khat = az.psislw(columns.T.contiguous().numpy(), reff=1.0)  # samples on the last axis
+    khat = torch.from_numpy(np.asarray(khat, dtype=np.float64).reshape(-1))
+    top = columns.max(0).values
+    spread = top - columns.min(0).values
+    constant = (spread <= rtol * top.abs().clamp(min=1.0)) & torch.isfinite(top)
+    khat = torch.where(constant, torch.tensor(float("-inf"), dtype=torch.float64), khat)
+    return khat.reshape(weights.shape[1:])
