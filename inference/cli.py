@@ -3,6 +3,7 @@
     bayeszoo list
     bayeszoo fit vae --guide rank1 --data mnist5k --epochs 20
     bayeszoo evaluate runs/vae-rank1-mnist5k-seed0
+    bayeszoo compare vae --guides amortized,rank1,planar,iaf,laplace --data mnist5k --epochs 20
 
 Names and pairs are checked before any data is loaded; a bad one exits with
 status 2 and one line that lists the valid choices.
@@ -66,7 +67,29 @@ def _parser() -> argparse.ArgumentParser:
     fit_cmd.add_argument("--guide", required=True)
     fit_cmd.add_argument("--data", required=True)
     _add_data_options(fit_cmd)
-    group = fit_cmd.add_argument_group("training")
+    _add_training_options(fit_cmd, "run folder (default runs/NAME)")
+    _add_model_options(fit_cmd)
+
+    eval_cmd = commands.add_parser("evaluate", help="score a fitted run on its test set")
+    eval_cmd.add_argument("run", type=Path)
+    eval_cmd.add_argument("--is-samples", type=_positive_int, default=1000)
+    eval_cmd.add_argument("--device", default="cpu")
+    _add_data_options(eval_cmd, with_binarize=False)
+
+    compare_cmd = commands.add_parser(
+        "compare", help="train a model with several guides on equal terms; table, CSV and figure")
+    compare_cmd.add_argument("model")
+    compare_cmd.add_argument("--guides", required=True,
+                             help="comma-separated, e.g. amortized,rank1,planar,iaf,laplace")
+    compare_cmd.add_argument("--data", required=True)
+    _add_data_options(compare_cmd)
+    _add_training_options(compare_cmd, "comparison folder (default runs/compare-MODEL-DATA-seedN)")
+    _add_model_options(compare_cmd)
+    return parser
+
+
+def _add_training_options(command, out_help: str) -> None:
+    group = command.add_argument_group("training")
     group.add_argument("--epochs", type=_positive_int, default=10)
     group.add_argument("--batch-size", type=_positive_int, default=100)
     group.add_argument("--lr", type=float, default=1e-3)
@@ -78,10 +101,13 @@ def _parser() -> argparse.ArgumentParser:
                        help="early stopping on the validation ELBO")
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--device", default="cpu")
-    group.add_argument("--out", type=Path, default=None, help="run folder (default runs/NAME)")
-    group.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
+    group.add_argument("--out", type=Path, default=None, help=out_help)
+    group.add_argument("--resume", action="store_true", help="continue from the checkpoint(s) in --out")
     group.add_argument("--no-progress", action="store_true")
-    group = fit_cmd.add_argument_group("model and guide")
+
+
+def _add_model_options(command) -> None:
+    group = command.add_argument_group("model and guide")
     group.add_argument("--z-dim", type=_positive_int, default=None,
                        help="latent size (default: the model's own, e.g. 20 for vae, 16 for dmm)")
     group.add_argument("--z-dims", type=_int_list, default=(20, 10),
@@ -104,13 +130,6 @@ def _parser() -> argparse.ArgumentParser:
     group.add_argument("--is-samples", type=_positive_int, default=1000,
                        help="K for the test importance-sampled log-likelihood")
 
-    eval_cmd = commands.add_parser("evaluate", help="score a fitted run on its test set")
-    eval_cmd.add_argument("run", type=Path)
-    eval_cmd.add_argument("--is-samples", type=_positive_int, default=1000)
-    eval_cmd.add_argument("--device", default="cpu")
-    _add_data_options(eval_cmd, with_binarize=False)
-    return parser
-
 
 def _add_data_options(command, with_binarize: bool = True) -> None:
     group = command.add_argument_group("data")
@@ -128,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
             return _list()
         if args.command == "fit":
             return _fit(args)
+        if args.command == "compare":
+            return _compare(args)
         return _evaluate(args)
     except (UsageError, registry.RegistryError, FileNotFoundError) as error:
         print(f"bayeszoo: error: {error}", file=sys.stderr)
@@ -222,6 +243,27 @@ def _fit(args) -> int:
     print(_summary(metrics["test"]))
     print(f"run folder: {run_dir}")
     return 0
+
+
+def _compare(args) -> int:
+    from inference.compare import CompareError, compare
+
+    if not 0 <= args.masking_noise < 1:
+        raise UsageError("--masking-noise must be in [0, 1)")
+    out = args.out or Path("runs") / f"compare-{args.model}-{args.data}-seed{args.seed}"
+    fit_options = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+                   "lr_decay": args.lr_decay, "num_particles": args.num_particles,
+                   "kl_anneal_epochs": args.kl_anneal, "patience": args.patience, "seed": args.seed}
+    try:
+        rows = compare(args.model, args.guides, args.data, options=_model_options(args),
+                       fit_options=fit_options, is_samples=args.is_samples, out=out,
+                       data_root=args.data_root, download=args.download, binarize=args.binarize,
+                       device=args.device, progress=not args.no_progress, resume=args.resume)
+    except CompareError as error:
+        raise UsageError(str(error)) from None
+    print((out / "compare.md").read_text())
+    print(f"comparison folder: {out}")
+    return 1 if any(row["status"].startswith("stopped") for row in rows) else 0
 
 
 def _evaluate(args) -> int:

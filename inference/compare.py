@@ -32,6 +32,9 @@ Sequence models (the state-space family) are compared the same way, with the IS
 log-likelihood, ELBO and KL also per observed time step (the table shows those), no active
 units and no figure.
 
+A point-mass guide (delta, denoising) has no density: its "ELBO" is the MAP objective
+log p(x, z*), and the IS log-likelihood and k-hat are left empty (its status says so).
+
 A guide whose loss turns NaN is reported with its step in the table (``status``) and the
 others carry on; a bad name, pair or option fails before any data is loaded.
 """
@@ -45,8 +48,11 @@ import platform
 from pathlib import Path
 
 import pyro
+import pyro.distributions as dist
 import torch
-from tqdm.auto import tqdm
+from pyro import poutine
+from pyro.poutine.util import site_is_subsample
+from tqdm import tqdm
 
 from inference import registry
 from inference.diagnostics import MIN_PSIS_SAMPLES, psis_khat
@@ -63,6 +69,7 @@ TABLE = (("guide", "guide"), ("is_log_likelihood", "IS log-likelihood (K={K})"),
          ("kl", "KL"), ("active_units", "active units"), ("khat_mean", "mean k-hat"),
          ("khat_above", f"k-hat > {KHAT_THRESHOLD}"), ("seconds_per_epoch", "s / epoch"),
          ("parameters", "parameters"), ("status", "status"))
+POINT_MASS_STATUS = "ok; point-mass q: the ELBO column is log p(x, z*), no IS estimate"
 #: Sequence models report these per observed time step too.
 PER_STEP = ("is_log_likelihood", "elbo", "kl")
 FIGURE_COLUMNS = 10
@@ -96,7 +103,9 @@ def compare(model: str, guides: list[str] | str, data: str, *, options: dict | N
             config must match); without it, a folder that already holds a run is an error.
 
     Returns one dict per guide, in the order given, with the keys of ``TABLE`` and ``is_samples``,
-    ``epochs``, ``train_seconds``, ``khat_max``, ``num_points``.
+    ``epochs``, ``train_seconds``, ``khat_max``, ``num_points``, ``point_mass`` (and, for
+    sequences, ``is_log_likelihood_per_step``, ``elbo_per_step``, ``kl_per_step``). A guide that
+    stopped on a NaN loss has NaN scores and ``status`` "stopped: ...".
 
     Raises ``registry.RegistryError`` for an unknown name or an invalid pair and ``CompareError``
     for other bad input, both before any data is loaded.
@@ -248,7 +257,7 @@ def _run_guide(config, dataset, inputs, valid, test, run_dir: Path, is_samples, 
     row["seconds_per_epoch"] = row["train_seconds"] / len(history)
     pyro.set_rng_seed(config["fit"]["seed"])  # the same importance-sampling stream for every guide
     scores = score(model, guide, test, is_samples, device=device, progress=progress)
-    row.update(scores, status="ok")
+    row.update(scores, status=POINT_MASS_STATUS if scores["point_mass"] else "ok")
     metrics = {"config": config, "history": history, "best_epoch": result.best_epoch + 1,
                "stopped_early": result.stopped_early, "hardware": hardware, "row": row}
     metrics_path.write_text(json.dumps(metrics, indent=2))
@@ -279,6 +288,10 @@ def score(model, guide, data: dict, num_samples: int, batch_size: int = 100, dev
     """
     per_point = importance_weights(model, guide, data, num_samples, batch_size, device=device,
                                    progress=progress)
+    point_mass = is_point_mass(guide, {k: v[:1].to(device) for k, v in data.items()})
+    if point_mass:  # all K samples coincide: no density, so no IS estimate and no k-hat
+        per_point["log_likelihood"] = torch.full_like(per_point["log_likelihood"], math.nan)
+        per_point["khat"] = torch.full_like(per_point["khat"], math.nan)
     khat = per_point["khat"]
     finite = khat[torch.isfinite(khat)]
     if khat.isnan().all():
@@ -296,6 +309,7 @@ def score(model, guide, data: dict, num_samples: int, batch_size: int = 100, dev
         "khat_above": khat_above,
         "khat_max": khat_max,
         "num_points": num_points,
+        "point_mass": point_mass,
     }
     if "mask" in data:  # sequences
         points_per_step = num_points / float(data["mask"].sum())
@@ -304,6 +318,21 @@ def score(model, guide, data: dict, num_samples: int, batch_size: int = 100, dev
     else:
         scores["active_units"] = sum(active_units(guide, data, device=device).values())
     return scores
+
+
+def is_point_mass(guide, batch: dict) -> bool:
+    """Whether q(z | x) puts all its mass on one point (the delta and denoising guides): then the
+    "ELBO" is the MAP objective log p(x, z*) and importance sampling estimates nothing."""
+    with torch.no_grad():
+        trace = poutine.trace(guide).get_trace(**batch)
+    for site in trace.nodes.values():
+        if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site):
+            fn = site["fn"]
+            while hasattr(fn, "base_dist"):
+                fn = fn.base_dist
+            if isinstance(fn, dist.Delta):
+                return True
+    return False
 
 
 @torch.no_grad()
