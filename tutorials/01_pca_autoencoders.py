@@ -104,6 +104,8 @@ pca_train_mse = [mse(pca_reconstruct(train_x, k), train_x) for k in ks]
 pca_test_mse = [mse(pca_reconstruct(test_x, k), test_x) for k in ks]
 for share in (0.5, 0.9, 0.95):
     print(f"{share:.0%} of the variance needs k = {int((explained < share).sum()) + 1} components")
+print(f"Eckart-Young check, k = 10: training MSE {mse(pca_reconstruct(train_x, 10), train_x):.6f}, "
+      f"sum of discarded variances / D = {variances[10:].sum() / data.x_dim:.6f}")
 
 fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
 ax1.plot(range(1, len(explained) + 1), explained)
@@ -122,9 +124,9 @@ fig.tight_layout()
 plt.show()
 
 # %% [markdown]
-# The error falls quickly and then slowly: a few dozen directions hold most of what varies
-# between digits; the rest is pen-stroke detail. Train and test curves nearly coincide — PCA
-# has $kD$ parameters, but they are fitted to a covariance estimated from 4,000 images.
+# Half of the variance lives in a handful of directions; the last few percent are spread over
+# hundreds of them (the counts are printed above) — pen-stroke detail. Train and test curves
+# nearly coincide: the directions estimated from 4,000 images describe new digits just as well.
 #
 # What do the directions look like, and what does a digit look like with only $k$ of them?
 
@@ -154,13 +156,13 @@ plt.show()
 #
 # $$\mathcal{L}(\theta, \phi) = \frac{1}{N}\sum_{n=1}^N \lVert x_n - f_\theta(g_\phi(x_n))\rVert^2 .$$
 #
-# With $g(x) = A x$ and $f(h) = B h$ both linear and $k < D$, the product $BA$ is a rank-$k$
+# With $g(x) = A x$ and $f(h) = B h$ both linear (biases aside) and $k < D$, the product $BA$ is a rank-$k$
 # linear map, so by Eckart–Young the best it can do is PCA's projection. Baldi & Hornik (1989)
 # showed more: every minimum of this loss is global and the columns of $B$ then span exactly the
 # principal subspace; all other critical points are saddles. But the network has no reason to
 # pick the principal *directions* themselves: for any invertible $k\times k$ matrix $G$ the pair
 # $(GA, BG^{-1})$ gives the same reconstructions. So the hidden units span the same space as
-# PCA, **but they are not orthogonal and not ordered by variance**.
+# PCA, **but they need not be orthogonal, nor ordered by variance**.
 #
 # To compare two $k$-dimensional subspaces we use their **principal angles**
 # $0 \le \theta_1 \le \dots \le \theta_k \le 90°$: with orthonormal bases $Q_1, Q_2$ (from a QR
@@ -274,8 +276,9 @@ plt.show()
 # the slowest — it is the direction the network must tell apart from the next principal
 # direction, and the gap between their variances is what drives it — and minibatch noise keeps
 # all of them from reaching exactly 0. Middle: each hidden unit is a *mixture* of principal
-# directions (no row is a single bright square), so the units are not the principal components.
-# Right: the units need not be orthogonal. How far from orthogonal a trained network ends up
+# directions — some lean strongly towards one of them, but none is one of them (the best
+# matches are printed above) — so the units are not the principal components. Right: the units
+# need not be orthogonal. How far from orthogonal a trained network ends up
 # depends on its initialization and optimizer, because nothing in the loss asks for
 # orthogonality: the printed check mixes the units with a random invertible $G$ and gets exactly
 # the same reconstructions from strongly non-orthogonal units. PCA's directions are orthonormal
@@ -363,6 +366,10 @@ for name, noise in (("AE", 0.0), ("DAE", 0.25)):
           f"learned sigma = {model.likelihood.log_sigma.exp().item():.3f}")
 
 # %% [markdown]
+# The printed objectives are log *densities* of grey pixel values, so positive numbers are no
+# surprise (Section 5 comes back to this); the learned $\sigma$ is the typical size of a
+# reconstruction error, in grey levels.
+#
 # Now corrupt test digits with masking noise — the rate used in training and a heavier one —
 # and reconstruct them with each model. `observation_mean` runs the encoder (in evaluation mode,
 # so no extra mask) and returns the decoder mean $f_\theta(g_\phi(\tilde x))$.
@@ -405,9 +412,12 @@ print("MSE vs clean, p = 0 and p = 0.5:",
       {name: (round(errors[name][0], 4), round(errors[name][levels.index(0.5)], 4)) for name in errors})
 
 # %% [markdown]
-# The plain AE tends to reproduce the holes it is given; the denoising AE fills them in with
-# strokes that a digit would have. Its error grows much more slowly with the corruption, at a
-# small price on clean inputs (compare the two curves at $p = 0$).
+# The plain AE has only ever seen complete digits: given a masked one, it returns faint,
+# broken strokes, and its error climbs quickly with the corruption. The denoising AE returns
+# whole strokes — it has learned what digits look like, not just how to copy pixels — and its
+# error grows much more slowly. Its curve is lowest near the noise level it was trained with,
+# and it pays a price on clean inputs (compare the curves at $p = 0$): an unmasked image is
+# brighter than anything it saw in training, the same mismatch as dropout without rescaling.
 #
 # ## 5. Probabilistic PCA: an exact posterior and an exact likelihood
 #
@@ -500,7 +510,9 @@ print(f"exact test log-likelihood: k = {K_PPCA}: {test_ll[ppca_ks.index(K_PPCA)]
 # continuous pixel values, so it can be positive; it is comparable with other densities of the
 # same grey images, never with the nats of a model of binary images
 # (Chapter 2). The gap between the train and test curves widens with $k$: more dimensions fit
-# the 4,000 training images better than they generalise.
+# the 4,000 training images better than they generalise. That the test curve keeps climbing is
+# partly a quirk of densities: a larger $k$ leaves a smaller $\sigma^2$, and a Gaussian placed on
+# border pixels that are 0 in nearly every image gains density as it narrows.
 #
 # ## 6. Two-dimensional codes, coloured by digit
 #

@@ -1,0 +1,59 @@
+"""Every latent-variable guide on mnist5k with one decoder, budget and seed (issue 3's benchmark).
+
+    python benchmarks/latent_guides.py            # full: both likelihoods, K=1000
+    python benchmarks/latent_guides.py --quick    # a one-minute check of the script
+
+Runs ``inference.compare.compare`` for the Bernoulli VAE (dynamically binarized digits) and the
+Gaussian VAE (grey levels, learned scalar variance) and writes ``results/latent_guides.json``
+and ``results/latent_guides.md``. The VLAE paper expects VLAE > IAF > VAE and Householder at
+equal T; this script reports whatever order comes out, with the seconds per epoch of each guide.
+"""
+
+import argparse
+import json
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+import models  # noqa: F401  (module-local Pyro params)
+from inference.compare import compare
+
+GUIDES = "amortized,rank1,planar,radial,householder,sylvester,iaf,laplace"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--is-samples", type=int, default=1000)
+    parser.add_argument("--guides", default=GUIDES)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--quick", action="store_true", help="digits, 1 epoch, K=25, three guides")
+    parser.add_argument("--out", type=Path, default=Path("results"))
+    args = parser.parse_args(argv)
+    data, guides, epochs, samples = "mnist5k", args.guides, args.epochs, args.is_samples
+    if args.quick:
+        data, guides, epochs, samples = "digits", "amortized,planar,laplace", 1, 25
+    name = "latent_guides_quick" if args.quick else "latent_guides"
+    results, tables = {}, []
+    for likelihood in ("bernoulli", "gaussian"):
+        folder = Path("runs") / f"bench-{name}-{likelihood}"
+        rows = compare("vae", guides, data, options={"likelihood": likelihood, "laplace_steps": 4,
+                                                      "flow_length": 8},
+                       fit_options={"epochs": epochs, "seed": 0}, is_samples=samples, out=folder,
+                       device=args.device, resume=folder.exists())
+        results[likelihood] = rows
+        tables.append(f"### VAE, {likelihood} likelihood\n\n" + (folder / "compare.md").read_text())
+    args.out.mkdir(exist_ok=True)
+    record = {"benchmark": name, "data": data, "epochs": epochs, "is_samples": samples,
+              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "torch": torch.__version__, "results": results}
+    (args.out / f"{name}.json").write_text(json.dumps(record, indent=2, default=str))
+    (args.out / f"{name}.md").write_text("\n\n".join(tables))
+    print("\n\n".join(tables))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
