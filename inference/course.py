@@ -32,6 +32,9 @@ def build_page(tutorial: Path, out: Path, kernel: str = "python3") -> tuple[str,
     from nbconvert.preprocessors import ExecutePreprocessor
 
     notebook = jupytext.read(tutorial)
+    # The kernel must use matplotlib's inline backend so that figures land in the page;
+    # a MPLBACKEND=Agg inherited from the shell would swallow them.
+    os.environ.pop("MPLBACKEND", None)
     started = time.perf_counter()
     ExecutePreprocessor(timeout=None, kernel_name=kernel).preprocess(
         notebook, {"metadata": {"path": str(Path.cwd())}})

@@ -11,7 +11,7 @@
 # ---
 
 # %% [markdown]
-# # Chapter 6 — From the Kalman filter to the Deep Kalman Filter
+# # Chapter 10 — From the Kalman filter to the Deep Kalman Filter
 #
 # A **state-space model** explains a sequence $x_1, \dots, x_T$ by a hidden state that evolves
 # by itself and is seen through noise:
