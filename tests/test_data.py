@@ -364,8 +364,9 @@ def _good_batch():
 
 
 def test_check_batch_accepts_a_good_batch():
-    check_batch(_good_batch())
-    check_batch(_good_batch(), x_dim=6)
+    batch = _good_batch()
+    assert check_batch(batch) is None  # no error raised
+    assert check_batch(batch, x_dim=6) is None
 
 
 @pytest.mark.parametrize(
