@@ -45,8 +45,9 @@ class PPCA(PyroModule):
         variance = self.sigma**2
         M = self.W.T @ self.W + variance * torch.eye(self.z_dim, dtype=x.dtype, device=x.device)
         mean = torch.linalg.solve(M, self.W.T @ (x - self.mu).T).T
+        # The covariance is the same for every x: factor it once and let it broadcast.
         covariance = variance * torch.linalg.inv(M)
-        return dist.MultivariateNormal(mean, covariance_matrix=covariance.expand(len(x), -1, -1))
+        return dist.MultivariateNormal(mean, scale_tril=torch.linalg.cholesky(covariance))
 
     def marginal(self) -> dist.MultivariateNormal:
         """The exact p(x) = N(mu, W W^T + sigma^2 I)."""
