@@ -1,4 +1,5 @@
 import os
+import socket
 
 import pyro
 import pytest
@@ -15,3 +16,14 @@ def fresh_pyro():
     pyro.set_rng_seed(0)
     yield
     pyro.clear_param_store()
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """CI has no network: a test that tries to connect anywhere fails loudly here too."""
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("tests must not reach the network")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
