@@ -107,3 +107,66 @@ def training_curves(history: list[dict]):
     ax.set_xlabel("epoch"), ax.set_ylabel("nats per data point"), ax.legend()
     fig.tight_layout()
     return fig
+
+
+# --------------------------------------------------------------------------- BNN predictive figures
+
+
+def _to_numpy(values) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        return values.detach().cpu().numpy()
+    return np.asarray(values)
+
+
+def reliability_diagram(results: dict, bins: int = 15, size: float = 3.2):
+    """Reliability diagrams (Guo et al. 2017), one panel per method, ECE in each title.
+
+    ``results`` maps a method name to ``(probs_mean, y)``: its (N, C) predictive class
+    probabilities (averaged over weight samples) and the (N,) labels. Each panel shows, per
+    equal-width confidence bin, the accuracy (bars) against the diagonal of perfect
+    calibration; the red outline is the gap to the bin's mean confidence, so overconfidence is
+    a red box above the bar.
+    """
+    from inference.metrics import expected_calibration_error, reliability
+
+    fig, axes = plt.subplots(1, len(results), figsize=(size * len(results), size), squeeze=False,
+                             sharey=True)
+    for ax, (name, (probs_mean, y)) in zip(axes[0], results.items(), strict=True):
+        table = {key: _to_numpy(value) for key, value in reliability(probs_mean, y, bins).items()}
+        edges, occupied = table["edges"], table["count"] > 0
+        left, width = edges[:-1][occupied], np.diff(edges)[occupied]
+        accuracy, confidence = table["accuracy"][occupied], table["confidence"][occupied]
+        ax.bar(left, accuracy, width=width, align="edge", color="tab:blue", edgecolor="black",
+               linewidth=0.5, label="accuracy")
+        ax.bar(left, confidence - accuracy, bottom=accuracy, width=width, align="edge",
+               fill=False, edgecolor="tab:red", hatch="//", linewidth=0.5, label="gap to confidence")
+        ax.plot([0, 1], [0, 1], "k--", linewidth=1)
+        ax.set_xlim(0, 1), ax.set_ylim(0, 1)
+        ax.set_xlabel("confidence")
+        ax.set_title(f"{name}\nECE = {expected_calibration_error(probs_mean, y, bins):.3f}")
+    axes[0, 0].set_ylabel("accuracy")
+    axes[0, 0].legend(loc="upper left", fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def regression_band(ax, x_train, y_train, x_grid, mean, epistemic_sd, total_sd, title: str | None = None):
+    """Draw a 1-D regression posterior predictive on ``ax`` and return ``ax``.
+
+    The training points, the predictive mean, a +-2 total sd band (epistemic + aleatoric, the
+    spread of new observations) and inside it a darker +-2 epistemic sd band (the spread of the
+    regression function alone). Build a grid of methods by calling it once per Axes, with
+    ``total_sd = predictive_moments(...)["total"].sqrt()`` and the epistemic part likewise.
+    """
+    x_grid, mean = _to_numpy(x_grid).ravel(), _to_numpy(mean).ravel()
+    epistemic_sd, total_sd = _to_numpy(epistemic_sd).ravel(), _to_numpy(total_sd).ravel()
+    ax.fill_between(x_grid, mean - 2 * total_sd, mean + 2 * total_sd, color="tab:blue", alpha=0.2,
+                    linewidth=0, label="±2 sd total")
+    ax.fill_between(x_grid, mean - 2 * epistemic_sd, mean + 2 * epistemic_sd, color="tab:blue",
+                    alpha=0.4, linewidth=0, label="±2 sd epistemic")
+    ax.plot(x_grid, mean, color="tab:blue", linewidth=1.5, label="predictive mean")
+    ax.scatter(_to_numpy(x_train).ravel(), _to_numpy(y_train).ravel(), s=8, color="black", zorder=3,
+               label="training data")
+    if title is not None:
+        ax.set_title(title)
+    return ax

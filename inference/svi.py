@@ -60,6 +60,26 @@ class scale_latents(Messenger):
             msg["scale"] = self.beta * msg["scale"]
 
 
+class scale_global_sites(Messenger):
+    """Multiply the log density of every global sample site (one outside all of the model's
+    plates: the weights of a Bayesian neural network) by ``factor``.
+
+    With ``factor = batch size / N`` the minibatch losses of one epoch sum to the negative ELBO
+    of the whole training set: each minibatch carries its share of log p(w) - log q(w) next to
+    its own data terms. Vectorized particle plates sit outside the model's ``plate_nesting``
+    dimensions and do not count. Latent-variable models have no global sites: a no-op there.
+    """
+
+    def __init__(self, factor: float, plate_nesting: int):
+        super().__init__()
+        self.factor, self.plate_nesting = factor, plate_nesting
+
+    def _process_message(self, msg):
+        if msg["type"] == "sample" and not any(
+                frame.vectorized and frame.dim >= -self.plate_nesting for frame in msg["cond_indep_stack"]):
+            msg["scale"] = self.factor * msg["scale"]
+
+
 @dataclass
 class FitResult:
     """What ``fit`` did: one history row per epoch and why it stopped."""
@@ -117,9 +137,13 @@ def kl_weight(epoch: int, anneal_epochs: int, start: float = 0.0) -> float:
 
 @torch.no_grad()
 def evaluate_elbo(model, guide, data: dict, batch_size: int = 500, num_particles: int = 1,
-                  device="cpu") -> float:
-    """Mean per-point ELBO of ``data`` (a dict of model inputs), in nats."""
-    nesting = max_plate_nesting(model, guide, _to(_first(data), device)) if num_particles > 1 else 1
+                  device="cpu", num_data: int | None = None) -> float:
+    """Mean per-point ELBO of ``data`` (a dict of model inputs), in nats.
+
+    ``num_data``: the training-set size, for models with global sites (Bayesian neural
+    networks): each point then carries 1/num_data of log p(w) - log q(w), as in training.
+    """
+    nesting = max_plate_nesting(model, guide, _to(_first(data), device))
     elbo = _elbo(num_particles, nesting)
     was_training = (model.training, guide.training)
     model.eval(), guide.eval()
@@ -127,7 +151,8 @@ def evaluate_elbo(model, guide, data: dict, batch_size: int = 500, num_particles
     try:
         for batch in _minibatches(data, batch_size, None):
             batch = _to(batch, device)
-            total -= elbo.loss(model, guide, **batch)
+            with scale_global_sites(_size(batch) / (num_data or _size(batch)), nesting):
+                total -= elbo.loss(model, guide, **batch)
             count += _size(batch)
     finally:
         model.train(was_training[0]), guide.train(was_training[1])
@@ -266,7 +291,7 @@ def fit(model, guide, train: dict, valid: dict | None = None, *,
                 if batch_transform is not None:
                     batch = batch_transform(batch, generator)
                 batch = _to(batch, device)
-                loss = _step_loss(elbo, model, guide, batch, beta)
+                loss = _step_loss(elbo, model, guide, batch, beta, _size(batch) / num_train, nesting)
                 value = loss.item()
                 if not math.isfinite(value):
                     step = epoch * steps_per_epoch + step_in_epoch + 1
@@ -282,7 +307,8 @@ def fit(model, guide, train: dict, valid: dict | None = None, *,
         row = {"epoch": epoch + 1, "train_elbo": -total / num_train, "kl_weight": beta,
                "seconds": time.perf_counter() - started}
         if valid is not None:
-            row["valid_elbo"] = evaluate_elbo(model, guide, valid, device=device)
+            row["valid_elbo"] = evaluate_elbo(model, guide, valid, device=device, num_data=num_train,
+                                              num_particles=num_particles)
         result.history.append(row)
         improved = result.best_epoch < 0 or _score(row) > _score(result.history[result.best_epoch])
         if improved:
@@ -308,11 +334,10 @@ def fit(model, guide, train: dict, valid: dict | None = None, *,
     return result
 
 
-def _step_loss(elbo, model, guide, batch: dict, beta: float) -> torch.Tensor:
-    """The (annealed) negative ELBO of a minibatch."""
-    if beta == 1.0:
-        return elbo.differentiable_loss(model, guide, **batch)
-    with scale_latents(beta):
+def _step_loss(elbo, model, guide, batch: dict, beta: float, share: float,
+               plate_nesting: int) -> torch.Tensor:
+    """The (annealed) negative ELBO of a minibatch; global sites count with the batch's share."""
+    with scale_global_sites(share, plate_nesting), scale_latents(beta):
         return elbo.differentiable_loss(model, guide, **batch)
 
 

@@ -1,0 +1,86 @@
+"""What every weight-space guide needs to know about a Bayesian neural network.
+
+A weight-space guide q(w) does not look at the data: it describes the global sample sites of
+``models.bnn.BayesianNeuralNetwork`` (weights, biases, hierarchical and noise scales). This
+module lists those sites with their shapes, supports and starting values, and says how many
+weight samples the caller asked for at once (the size of an enclosing vectorized plate:
+``Predictive(parallel=True)``, vectorized ELBO particles), so guides can lay their samples out
+the way Pyro's plates expect.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyro
+import torch
+from pyro.distributions import constraints
+from pyro.poutine.runtime import get_plates
+from pyro.poutine.util import site_is_subsample
+
+DATA_PLATE = "data"
+
+
+@dataclass(frozen=True)
+class WeightSite:
+    name: str
+    shape: torch.Size
+    support: constraints.Constraint
+    initial: torch.Tensor  # a starting value in the site's support
+
+    @property
+    def event_dim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def is_real(self) -> bool:
+        """Unconstrained (weights and biases), as opposed to a positive scale."""
+        support = self.support
+        while isinstance(support, constraints.independent):
+            support = support.base_constraint
+        return support is constraints.real
+
+    @property
+    def key(self) -> str:
+        """The site name as a module attribute key (PyTorch forbids dots there)."""
+        return self.name.replace(".", "__")
+
+
+def weight_sites(model) -> list[WeightSite]:
+    """The model's global latent sites in program order, starting at PyTorch's initialisation
+    for weights and biases and at the prior median for scales."""
+    x = torch.zeros(1, *model.input_shape)
+    with torch.no_grad():
+        trace = pyro.poutine.trace(pyro.poutine.block(model, hide_types=["param"])).get_trace(x)
+    initial = model.initial_values()
+    sites = []
+    for name, site in trace.nodes.items():
+        if site["type"] != "sample" or site_is_subsample(site) or _in_data_plate(site):
+            continue
+        value = initial.get(name)
+        if value is None:
+            value = site["fn"].sample((201,)).median(0).values
+        sites.append(WeightSite(name, site["value"].shape, site["fn"].support, value.detach().clone()))
+    return sites
+
+
+def _in_data_plate(site) -> bool:
+    return any(frame.name == DATA_PLATE for frame in site["cond_indep_stack"])
+
+
+def sample_batch() -> tuple[int, int] | None:
+    """(size, dim) of the vectorized plate that asks for several weight samples at once, or None.
+
+    Such a plate sits outside the model's own plates: Predictive(parallel=True) and vectorized
+    ELBO particles put it at dim -(max_plate_nesting + 1) = -2 for these models.
+    """
+    outer = [frame for frame in get_plates() if frame.vectorized and frame.name != DATA_PLATE]
+    if not outer:
+        return None
+    frame = min(outer, key=lambda f: f.dim)
+    return frame.size, frame.dim
+
+
+def per_sample(value: torch.Tensor, site: WeightSite, dim: int) -> torch.Tensor:
+    """Reshape (S, *shape) so S sits at plate dim ``dim`` and the site's shape is the event."""
+    return value.reshape(value.shape[:1] + (1,) * (-dim - 1) + site.shape)
