@@ -3,6 +3,10 @@
 Everything else in bayeszoo works in torch tensors; the functions here convert to NumPy,
 call ArviZ and hand torch tensors back, so a change of ArviZ's API touches this file only.
 
+``inference_data`` / ``guide_inference_data``: ArviZ ``InferenceData`` from MCMC draws per chain
+or from any guide's samples; ``summary`` (posterior mean, sd, R-hat, bulk and tail ESS),
+``plot_trace`` and ``plot_forest`` on it.
+
 ``psis_khat``: the Pareto k-hat of importance weights w_k = p(x, z_k) / q(z_k | x), z_k ~ q
 (Vehtari et al., "Pareto smoothed importance sampling", JMLR 2024; Yao et al., "Yes, but did
 it work?", ICML 2018). A generalized Pareto distribution is fitted to the largest weights; its
@@ -59,3 +63,52 @@ def psis_khat(log_weights: torch.Tensor, rtol: float = 1e-5) -> torch.Tensor:
     constant = (spread <= rtol * top.abs().clamp(min=1.0)) & torch.isfinite(top)
     khat = torch.where(constant, torch.tensor(float("-inf"), dtype=torch.float64), khat)
     return khat.reshape(weights.shape[1:])
+
+
+def inference_data(draws: dict[str, torch.Tensor]) -> az.InferenceData:
+    """``InferenceData`` from draws per chain: site name -> (chains, draws, *site shape)."""
+    return az.from_dict(posterior={name: value.detach().cpu().numpy() for name, value in draws.items()})
+
+
+def guide_inference_data(guide, num_samples: int = 1000, num_chains: int = 1, *args,
+                         **kwargs) -> az.InferenceData:
+    """``InferenceData`` from a guide: ``num_chains`` x ``num_samples`` independent draws of every
+    sample site it returns (``forward`` returns a dict of its sites, as bayeszoo's weight guides
+    do). Independent draws, so R-hat near 1 and ESS near the draw count are the expected
+    readings: a check of the pipeline, not of convergence."""
+    draws = {}
+    with torch.no_grad():
+        for _ in range(num_chains * num_samples):
+            for name, value in guide(*args, **kwargs).items():
+                draws.setdefault(name, []).append(value)
+    return inference_data({name: torch.stack(values).reshape(num_chains, num_samples, *values[0].shape)
+                           for name, values in draws.items()})
+
+
+def summary(data: az.InferenceData, var_names: list[str] | None = None):
+    """ArviZ's summary table (pandas): mean, sd, HDI, MCSE, ESS (bulk, tail) and R-hat per scalar."""
+    return az.summary(data, var_names=var_names)
+
+
+def max_rhat(data: az.InferenceData) -> float:
+    """The largest rank-normalized split R-hat over every scalar of the posterior."""
+    rhat = az.rhat(data)
+    return float(max(np.nanmax(np.asarray(rhat[name])) for name in rhat.data_vars))
+
+
+def min_ess(data: az.InferenceData) -> float:
+    """The smallest bulk effective sample size over every scalar of the posterior."""
+    ess = az.ess(data, method="bulk")
+    return float(min(np.nanmin(np.asarray(ess[name])) for name in ess.data_vars))
+
+
+def plot_trace(data: az.InferenceData, var_names: list[str] | None = None):
+    """Trace plot (per-chain densities and draws); returns the matplotlib Figure."""
+    axes = az.plot_trace(data, var_names=var_names, compact=True)
+    return np.asarray(axes).ravel()[0].figure
+
+
+def plot_forest(data: az.InferenceData, var_names: list[str] | None = None):
+    """Forest plot (94% HDI per scalar, per chain, with R-hat); returns the Figure."""
+    axes = az.plot_forest(data, var_names=var_names, combined=False, r_hat=True)
+    return np.asarray(axes).ravel()[0].figure

@@ -255,6 +255,8 @@ def bayesian(net: nn.Module, input_shape: tuple[int, ...], prior: str = "fan_in"
     if prior not in PRIORS:
         raise ValueError(f"unknown prior {prior!r}; choose from {', '.join(PRIORS)}")
     net = copy.deepcopy(net)
+    if isinstance(net, (nn.Linear, nn.Conv2d)):  # a single layer: give it a container to live in
+        net = nn.Sequential(net)
     event_dims = _trailing_dims(net, input_shape)
     _replace_layers(net, "", event_dims)
     unknown = set(deterministic) - {name for name, m in net.named_modules() if isinstance(m, _WeightLayer)}
