@@ -1,0 +1,146 @@
+"""Training a Bayesian neural network with any of its guides, through one function.
+
+``train(model, method, train, valid, ...)`` returns the fitted guide. Most methods are SVI
+with ``inference.svi.fit`` and differ only in the guide or an effect handler; the rest start
+from the MAP point (Laplace, TRADI) or replace the optimizer by a sampler (SGLD, SGHMC), and
+NUTS runs MCMC. Every result is a guide with the model's signature, so ``Predictive``, the
+metrics and the ArviZ diagnostics treat them all alike.
+
+    method          what it is                                                 guide
+    map             point estimate (weight decay = the Gaussian prior)          MAPGuide
+    meanfield       Bayes by Backprop (Blundell et al. 2015)                    MeanFieldGuide
+    lrt             mean-field + local reparameterization (Kingma et al. 2015)  MeanFieldGuide
+    flipout         mean-field + Flipout (Wen et al. 2018)                      MeanFieldGuide
+    mcdropout       MC dropout (Gal & Ghahramani 2016)                          MCDropoutGuide
+    ensemble        deep ensemble, M members in one vectorized step             EnsembleGuide
+    laplace         Laplace around the MAP (diag / last-layer / full)           LaplaceGuide
+    sgld, sghmc     stochastic-gradient MCMC, thinned samples after burn-in     WeightSamples
+    nuts            NUTS, the gold standard for small networks                  WeightSamples
+    tradi           Kalman-filtered SGD trajectory (Franchi et al. 2020)        TradiGuide
+"""
+
+from __future__ import annotations
+
+import contextlib
+from functools import partial
+
+import torch
+
+from guides.ensemble import EnsembleGuide
+from guides.map import MAPGuide
+from guides.mc_dropout import MCDropoutGuide
+from guides.mean_field import MeanFieldGuide
+from guides.reparameterization import flipout, local_reparameterization
+from guides.samples import WeightSamples
+from guides.tradi import TradiGuide
+from guides.weight_laplace import LaplaceGuide
+from inference.mcmc import pooled, run_nuts
+from inference.sgmcmc import SGHMC, SGLD, ThinnedSamples
+from inference.svi import fit
+from inference.tradi import WeightTracker
+
+METHODS = ("map", "meanfield", "lrt", "flipout", "mcdropout", "ensemble", "laplace", "sgld", "sghmc",
+           "nuts", "tradi")
+HANDLERS = {"lrt": local_reparameterization, "flipout": flipout}
+
+
+def train(model, method: str, train: dict, valid: dict | None = None, *, options: dict | None = None,
+          **fit_options):
+    """Fit ``model`` with ``method``; returns (guide, FitResult or None for NUTS).
+
+    ``options``: method settings (``init_scale``, ``dropout``, ``members``, ``laplace_structure``,
+    ``burn_in_epochs``, ``thin``, ``nuts_samples``, ``nuts_warmup``, ``nuts_chains``, ``tradi``
+    tracker settings). ``fit_options`` go to ``inference.svi.fit`` (epochs, lr, batch_size, ...).
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown BNN method {method!r}; choose from {', '.join(METHODS)}")
+    options = dict(options or {})
+    if method == "nuts":
+        return _nuts(model, train, options, fit_options), None
+    if method in ("sgld", "sghmc"):
+        return _sgmcmc(model, method, train, valid, options, fit_options)
+    if method == "tradi":
+        return _tradi(model, train, valid, options, fit_options)
+    guide = _svi_guide(model, method, options)
+    if isinstance(guide, EnsembleGuide):
+        fit_options["num_particles"] = guide.num_particles
+    handler = HANDLERS.get(method, contextlib.nullcontext)
+    with handler():
+        result = fit(model, guide, train, valid, **fit_options)
+    if method == "laplace":
+        guide = LaplaceGuide(model, guide, train, structure=options.get("laplace_structure", "last-layer"))
+    return guide, result
+
+
+def _svi_guide(model, method: str, options: dict):
+    if method in ("meanfield", "lrt", "flipout"):
+        return MeanFieldGuide(model, init_scale=options.get("init_scale", 0.01))
+    if method == "mcdropout":
+        return MCDropoutGuide(model, p=options.get("dropout", 0.1))
+    if method == "ensemble":
+        return EnsembleGuide(model, members=options.get("members", 5))
+    return MAPGuide(model)  # map, and laplace's starting point
+
+
+def _sgmcmc(model, method: str, train: dict, valid, options: dict, fit_options: dict):
+    """Run SGLD / SGHMC on the MAP guide's weights and keep thinned samples after burn-in.
+
+    The loss ``fit`` differentiates is a minibatch's share of U(w) = -log p(w, y | x) (see
+    ``scale_global_sites``), so the sampler's ``grad_scale`` is N / batch size.
+    """
+    guide = MAPGuide(model)
+    batch_size = fit_options.get("batch_size", 100)
+    num_train = len(train["x"])
+    steps_per_epoch = -(-num_train // batch_size)
+    recorder = ThinnedSamples(burn_in=options.get("burn_in_epochs", 1) * steps_per_epoch,
+                              thin=options.get("thin", steps_per_epoch))
+    sampler = SGLD if method == "sgld" else partial(SGHMC, friction=options.get("friction", 0.05))
+
+    def optimizer(params, lr):
+        opt = sampler(params, lr=lr, grad_scale=num_train / batch_size)
+        step = iter(range(1, 1 << 62))
+        opt.register_step_post_hook(lambda *_: recorder.offer(next(step), guide.point()))
+        return opt
+
+    result = fit(model, guide, train, valid, optimizer=optimizer, **fit_options)
+    if len(recorder) == 0:
+        raise ValueError("the sampler kept no samples: train for more epochs than burn_in_epochs")
+    return WeightSamples(model, recorder.stacked()), result
+
+
+def _tradi(model, train: dict, valid, options: dict, fit_options: dict):
+    """Train the MAP network with Adam while a ``WeightTracker`` filters every weight's trajectory.
+
+    The tracker starts after ``burn_in_epochs`` (default 1). Its fading factor defaults to
+    1 - 1 / (steps per epoch): sigma^2 is the variance the steps accumulate over about one epoch.
+    """
+    guide = MAPGuide(model)
+    batch_size = fit_options.get("batch_size", 100)
+    steps_per_epoch = -(-len(train["x"]) // batch_size)
+    weights = {name: p for name, p in guide.named_weights().items()
+               if name in {s.name for s in guide.sites if s.is_real}}
+    tracker = WeightTracker(weights, burn_in_steps=options.get("burn_in_epochs", 1) * steps_per_epoch,
+                            variance_decay=options.get("variance_decay", 1 - 1 / steps_per_epoch),
+                            **{k: options[k] for k in ("process_noise", "measurement_noise") if k in options})
+
+    def optimizer(params, lr):
+        opt = torch.optim.Adam(params, lr=lr)
+        tracker.attach(opt)
+        return opt
+
+    result = fit(model, guide, train, valid, optimizer=optimizer, **fit_options)
+    if tracker.tracked_steps == 0:
+        raise ValueError("TRADI tracked no step: train for more epochs than burn_in_epochs")
+    tradi = TradiGuide(model, tracker.means(), tracker.variances(), guide.point())
+    tradi.tracker = tracker
+    return tradi, result
+
+
+def _nuts(model, train: dict, options: dict, fit_options: dict) -> WeightSamples:
+    draws = run_nuts(model, train, num_samples=options.get("nuts_samples", 500),
+                     warmup=options.get("nuts_warmup", 500), num_chains=options.get("nuts_chains", 2),
+                     seed=fit_options.get("seed", 0), progress=fit_options.get("progress", True))
+    guide = WeightSamples(model, pooled(draws))
+    guide.chains = draws  # per chain, for ArviZ's R-hat and ESS
+    return guide
+
