@@ -112,9 +112,11 @@ def _add_model_options(command) -> None:
                        help="latent size (default: the model's own, e.g. 20 for vae, 16 for dmm)")
     group.add_argument("--z-dims", type=_int_list, default=(20, 10),
                        help="DLGM layer sizes from the data up, e.g. 20,10")
-    group.add_argument("--hidden", type=_int_list, default=(400,))
-    group.add_argument("--likelihood", choices=("bernoulli", "gaussian"), default=None,
-                       help="default: bernoulli for images, what the data needs for sequences")
+    group.add_argument("--hidden", type=_int_list, default=None,
+                       help="hidden layer sizes (default 400 for image models, 50 for bnn)")
+    group.add_argument("--likelihood", choices=("bernoulli", "gaussian", "heteroscedastic"), default=None,
+                       help="default: bernoulli for images, what the data needs for sequences and bnn "
+                            "(heteroscedastic: bnn regression with a predicted noise level)")
     group.add_argument("--condition", choices=("label", "quadrant"), default="label",
                        help="what a conditional VAE is conditioned on")
     group.add_argument("--masking-noise", type=float, default=0.25,
@@ -129,6 +131,18 @@ def _add_model_options(command) -> None:
                        help="IAF steps after each q(z_t | ...) of a structured inference network")
     group.add_argument("--is-samples", type=_positive_int, default=1000,
                        help="K for the test importance-sampled log-likelihood")
+    bnn = command.add_argument_group("Bayesian neural networks (model bnn)")
+    bnn.add_argument("--prior", choices=("normal", "fan_in", "hierarchical"), default="fan_in")
+    bnn.add_argument("--noise", default="learned",
+                     help="regression noise sd: 'learned', 'prior' or a number")
+    bnn.add_argument("--split", type=_non_negative_int, default=0, help="Boston split, 0..19")
+    bnn.add_argument("--members", type=_positive_int, default=5, help="ensemble size")
+    bnn.add_argument("--dropout", type=float, default=0.1, help="MC dropout probability")
+    bnn.add_argument("--laplace-structure", choices=("diag", "last-layer", "full"), default="last-layer")
+    bnn.add_argument("--nuts-samples", type=_positive_int, default=500, help="NUTS draws per chain")
+    bnn.add_argument("--nuts-warmup", type=_positive_int, default=500, help="NUTS warm-up steps per chain")
+    bnn.add_argument("--predictive-samples", type=_positive_int, default=100,
+                     help="weight samples for the test metrics (an ensemble uses its members)")
 
 
 def _add_data_options(command, with_binarize: bool = True) -> None:
@@ -178,7 +192,8 @@ def _list() -> int:
 
 def _model_options(args) -> dict:
     """Options for the registry's builders; those left unset take each model's own default."""
-    options = {"z_dim": args.z_dim, "z_dims": list(args.z_dims), "hidden": list(args.hidden),
+    hidden = args.hidden or ((50,) if registry.model_entry(args.model).family == registry.BNN else (400,))
+    options = {"z_dim": args.z_dim, "z_dims": list(args.z_dims), "hidden": list(hidden),
                "likelihood": _likelihood(args), "condition": args.condition,
                "masking_noise": args.masking_noise, "flow_length": args.flow_length,
                "laplace_steps": args.laplace_steps, "rnn_dim": args.rnn_dim,
@@ -204,6 +219,98 @@ def _binarize(args) -> str | None:
     return None if args.binarize == "none" else args.binarize
 
 
+def _noise(text: str):
+    if text in ("learned", "prior"):
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise UsageError(f"--noise must be 'learned', 'prior' or a positive number, got {text!r}")
+    return value
+
+
+def _fit_bnn(args, run_dir: Path) -> int:
+    """Train a Bayesian MLP with the chosen method and score it on the test split."""
+    if args.resume:
+        raise UsageError("--resume is not supported for bnn runs yet; start a new run")
+    if args.likelihood == "bernoulli" or not 0 <= args.dropout < 1:
+        raise UsageError("bnn likelihoods: gaussian or heteroscedastic (regression; classification "
+                         "is categorical); --dropout must be in [0, 1)")
+    options = {"hidden": list(args.hidden or (50,)), "likelihood": args.likelihood, "prior": args.prior,
+               "noise": _noise(args.noise), "members": args.members, "dropout": args.dropout,
+               "laplace_structure": args.laplace_structure, "nuts_samples": args.nuts_samples,
+               "nuts_warmup": args.nuts_warmup}
+    if args.guide == "nuts" and options["noise"] == "learned":
+        options["noise"] = "prior"  # NUTS samples sites only: the noise gets a prior
+    options = {k: v for k, v in options.items() if v is not None}
+    fit_options = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+                   "lr_decay": args.lr_decay, "patience": args.patience, "seed": args.seed}
+    dataset = registry.load_data(args.model, args.data, root=args.data_root, download=args.download,
+                                 split=args.split)
+    config = {"model": args.model, "guide": args.guide, "data": args.data, "split": args.split,
+              "options": options, "fit": fit_options}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+    torch.manual_seed(args.seed)
+    started = time.perf_counter()
+    model, guide, result = registry.train_bnn(dataset, args.guide, options, **fit_options,
+                                              device=args.device, run_dir=run_dir,
+                                              progress=not args.no_progress)
+    seconds = time.perf_counter() - started
+    from inference.metrics import memory_bytes
+    from inference.predictive import score
+
+    model, guide = model.cpu(), guide.cpu()
+    samples = getattr(guide, "num_members", args.predictive_samples)
+    metrics = {"config": config, "history": result.history if result else [], "train_seconds": seconds,
+               "posterior_bytes": memory_bytes(guide), "hardware": _hardware(args.device),
+               "test": score(model, guide, dataset, num_samples=samples)}
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    _write_bnn_figures(run_dir, model, guide, dataset, metrics["history"])
+    print(_bnn_summary(metrics["test"]))
+    print(f"run folder: {run_dir}")
+    return 0
+
+
+def _bnn_summary(scores: dict) -> str:
+    if "rmse" in scores:
+        return f"test: RMSE {scores['rmse']:.4f}, NLL {scores['nll']:.4f} (S={scores['num_samples']})"
+    text = (f"test: accuracy {scores['accuracy']:.4f}, NLL {scores['nll']:.4f}, "
+            f"Brier {scores['brier']:.4f}, ECE {scores['ece']:.4f}")
+    if "ood" in scores:
+        text += f", OOD AUROC (entropy) {scores['ood']['entropy']['auroc']:.4f}"
+    return text + f" (S={scores['num_samples']})"
+
+
+def _write_bnn_figures(run_dir: Path, model, guide, dataset, history) -> None:
+    """Training curve; the uncertainty band for 1-D regression, reliability for classification."""
+    import matplotlib.pyplot as plt
+
+    from inference import metrics, plots
+    from inference.predictive import predictive
+
+    figures = {"training.png": plots.training_curves(history)} if history else {}
+    samples = getattr(guide, "num_members", 100)
+    if dataset.task == "regression" and dataset.x_dim == 1:
+        from inference.supervised import grid
+
+        x = grid(dataset)
+        draws = predictive(model, guide, x, samples)
+        moments = metrics.predictive_moments(draws["mean"], draws["variance"])
+        figure, ax = plt.subplots(figsize=(6, 4))
+        plots.regression_band(ax, dataset.train["x"][:, 0], dataset.train["y"], x[:, 0], moments["mean"],
+                              moments["epistemic"].sqrt(), moments["total"].sqrt(), "posterior predictive")
+        figures["predictive.png"] = figure
+    elif dataset.task == "classification":
+        probs = predictive(model, guide, dataset.test["x"], samples)["probs"].mean(0)
+        figures["reliability.png"] = plots.reliability_diagram({"test": (probs, dataset.test["y"])})
+    for name, figure in figures.items():
+        figure.savefig(run_dir / name, dpi=100)
+        plt.close(figure)
+
+
 def _fit(args) -> int:
     registry.check_pair(args.model, args.guide, args.data)
     if args.lr <= 0 or not 0 < args.lr_decay <= 1 or not 0 <= args.masking_noise < 1:
@@ -214,6 +321,8 @@ def _fit(args) -> int:
     if (run_dir / CHECKPOINT).exists() and not args.resume:
         raise UsageError(f"{run_dir} already holds a run; pass --resume to continue it "
                          "or --out to start another")
+    if registry.model_entry(args.model).family == registry.BNN:
+        return _fit_bnn(args, run_dir)
     config = {"model": args.model, "guide": args.guide, "data": args.data,
               "binarize": _binarize(args), "options": _model_options(args),
               "fit": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
@@ -250,6 +359,8 @@ def _compare(args) -> int:
 
     if not 0 <= args.masking_noise < 1:
         raise UsageError("--masking-noise must be in [0, 1)")
+    if registry.model_entry(args.model).family == registry.BNN:
+        raise UsageError("compare does not take bnn yet; benchmarks/bnn.py compares its guides")
     out = args.out or Path("runs") / f"compare-{args.model}-{args.data}-seed{args.seed}"
     fit_options = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
                    "lr_decay": args.lr_decay, "num_particles": args.num_particles,
@@ -272,6 +383,8 @@ def _evaluate(args) -> int:
         raise UsageError(f"{args.run} is not a finished run folder (needs config.json and "
                          f"{FINAL_WEIGHTS}); fit one with `bayeszoo fit`")
     config = json.loads(config_path.read_text())
+    if registry.model_entry(config["model"]).family == registry.BNN:
+        raise UsageError(f"{args.run} is a bnn run: `bayeszoo fit` scored it (metrics.json)")
     dataset = registry.load_data(config["model"], config["data"], root=args.data_root,
                                  download=args.download, binarize=config["binarize"])
     model, guide, inputs = registry.build(config["model"], config["guide"], dataset,

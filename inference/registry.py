@@ -18,9 +18,26 @@ from guides.flows import AmortizedFlow
 from guides.laplace import LaplaceGuide
 from inference.data import DATASETS, load_dataset
 from inference.sequences import load_sequence_dataset
+from inference.supervised import SUPERVISED_DATASETS, load_supervised
+from models.bnn import BayesianNeuralNetwork
 from models.dkf import DeepMarkovModel, LinearGaussianSSM
+from models.nn import mlp
 from models.ppca import PPCA
 from models.vae import VAE, ConditionalVAE, DeepLatentGaussianModel, label_inputs, quadrant_inputs
+
+
+BNN_METHODS = {
+    "map": "point estimate of the weights (weight decay = the Gaussian prior)",
+    "meanfield": "mean-field Gaussian over the weights: Bayes by Backprop (Blundell et al. 2015)",
+    "lrt": "mean-field + local reparameterization (Kingma, Salimans & Welling 2015)",
+    "flipout": "mean-field + Flipout pseudo-independent perturbations (Wen et al. 2018)",
+    "mcdropout": "MC dropout as variational inference (Gal & Ghahramani 2016)",
+    "ensemble": "deep ensemble, M members trained in one vectorized step (Lakshminarayanan et al. 2017)",
+    "sgld": "stochastic gradient Langevin dynamics, thinned samples (Welling & Teh 2011)",
+    "sghmc": "stochastic gradient HMC (Chen, Fox & Guestrin 2014)",
+    "nuts": "NUTS (Hoffman & Gelman 2014): the gold standard for small networks",
+    "tradi": "Kalman-filtered SGD trajectory, a Gaussian per weight (Franchi et al. 2020)",
+}
 
 
 class RegistryError(ValueError):
@@ -78,9 +95,21 @@ def _dmm_emission(dataset, options) -> str:
     return options.get("likelihood") or ("bernoulli" if dataset.name == "jsb" else "gaussian")
 
 
+def _bnn(data, o):
+    """An MLP (``hidden`` sizes, default one layer of 50) with the likelihood the task needs."""
+    classification = data.task == "classification"
+    likelihood = "categorical" if classification else (o.get("likelihood") or "gaussian")
+    outputs = data.num_classes if classification else (2 if likelihood == "heteroscedastic" else 1)
+    net = mlp((data.x_dim, *o.get("hidden", (50,)), outputs))
+    return BayesianNeuralNetwork(net, (data.x_dim,), likelihood, prior=o.get("prior", "fan_in"),
+                                 noise=o.get("noise", "learned"))
+
+
 LATENT = "latent-variable"
 STATE_SPACE = "state-space"
-FAMILY_DATASETS = {LATENT: DATASETS, STATE_SPACE: ("linear-gaussian", "pendulum", "jsb")}
+BNN = "bayesian-neural-network"
+FAMILY_DATASETS = {LATENT: DATASETS, STATE_SPACE: ("linear-gaussian", "pendulum", "jsb"),
+                   BNN: SUPERVISED_DATASETS}
 
 MODELS: dict[str, ModelEntry] = {entry.name: entry for entry in [
     ModelEntry("vae", LATENT, lambda data, o: VAE(
@@ -106,6 +135,10 @@ MODELS: dict[str, ModelEntry] = {entry.name: entry for entry in [
         data.x_dim, o.get("z_dim", 1), data.u_dim),
         "linear-Gaussian state-space model: exact Kalman likelihood (the oracle)",
         _sequence_inputs, likelihoods=("gaussian",)),
+    ModelEntry("bnn", BNN, _bnn,
+               "Bayesian MLP: priors on every weight; regression or classification (Neal 1996)",
+               lambda batch, dataset, options: {"x": batch["x"], "y": batch["y"]},
+               likelihoods=("gaussian", "heteroscedastic", "categorical")),
 ]}
 
 GUIDES: dict[str, GuideEntry] = {entry.name: entry for entry in [
@@ -128,14 +161,25 @@ GUIDES: dict[str, GuideEntry] = {entry.name: entry for entry in [
                "amortized Gaussian + K Householder-Sylvester steps (van den Berg et al. 2018)"),
     GuideEntry("iaf", (LATENT,), _flow_guide("iaf"),
                "amortized Gaussian + K IAF steps, MADE with encoder context (Kingma et al. 2016)"),
-    GuideEntry("laplace", (LATENT,),
+    GuideEntry("laplace", (LATENT, BNN),
                lambda m, o: LaplaceGuide(m, _hidden(o), steps=o.get("laplace_steps", 4)),
-               "VLAE: full-covariance Laplace posterior after T Newton refinements (Park et al. 2019)",
+               "VLAE: Laplace posterior after T Newton steps (Park et al. 2019); for a BNN: Laplace "
+               "around the MAP (diag / last-layer / full GGN)",
                excludes=("dlgm",)),  # one latent site only
+    *[GuideEntry(name, (BNN,), None, summary) for name, summary in BNN_METHODS.items()],
     *[GuideEntry(name, (STATE_SPACE,), _inference_network(name),
                  f"structured inference network {name.upper()} (Krishnan et al. 2017)")
       for name in structure_names()],
 ]}
+
+
+def train_bnn(dataset, method: str, options: dict, **fit_options):
+    """Build a Bayesian MLP for ``dataset`` and train it with ``method`` (``inference.bnn.train``)."""
+    from inference.bnn import train
+
+    model = _bnn(dataset, options)
+    guide, result = train(model, method, dataset.train, dataset.valid, options=options, **fit_options)
+    return model, guide, result
 
 
 def valid_guides(model: str) -> list[str]:
@@ -173,6 +217,9 @@ def load_data(model: str, data: str, **kwargs):
     ``load_sequence_dataset``); keyword arguments go to the loader that takes them."""
     if MODELS[model].family == STATE_SPACE:
         return load_sequence_dataset(data, kwargs.get("root", "data"), kwargs.get("download", False))
+    if MODELS[model].family == BNN:
+        return load_supervised(data, split=kwargs.get("split", 0), root=kwargs.get("root", "data"),
+                               download=kwargs.get("download", False))
     return load_dataset(data, **kwargs)
 
 
@@ -182,6 +229,8 @@ def build(model: str, guide: str, dataset, options: dict | None = None):
     options = dict(options or {})
     check_pair(model, guide)
     entry = MODELS[model]
+    if entry.family == BNN:
+        raise RegistryError("a Bayesian neural network is built and trained by registry.train_bnn")
     built_model = entry.build(dataset, options)
     built_guide = GUIDES[guide].build(built_model, options)
     return built_model, built_guide, lambda batch: entry.inputs(batch, dataset, options)
