@@ -139,6 +139,7 @@ def _tradi(model, train: dict, valid, options: dict, fit_options: dict):
 def _nuts(model, train: dict, options: dict, fit_options: dict) -> WeightSamples:
     draws = run_nuts(model, train, num_samples=options.get("nuts_samples", 500),
                      warmup=options.get("nuts_warmup", 500), num_chains=options.get("nuts_chains", 2),
+                     max_tree_depth=options.get("nuts_max_tree_depth", 10),
                      seed=fit_options.get("seed", 0), progress=fit_options.get("progress", True))
     guide = WeightSamples(model, pooled(draws))
     guide.chains = draws  # per chain, for ArviZ's R-hat and ESS

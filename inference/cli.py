@@ -141,6 +141,8 @@ def _add_model_options(command) -> None:
     bnn.add_argument("--laplace-structure", choices=("diag", "last-layer", "full"), default="last-layer")
     bnn.add_argument("--nuts-samples", type=_positive_int, default=500, help="NUTS draws per chain")
     bnn.add_argument("--nuts-warmup", type=_positive_int, default=500, help="NUTS warm-up steps per chain")
+    bnn.add_argument("--nuts-max-tree-depth", type=_positive_int, default=10,
+                     help="at most 2^depth leapfrog steps per NUTS draw")
     bnn.add_argument("--predictive-samples", type=_positive_int, default=100,
                      help="weight samples for the test metrics (an ensemble uses its members)")
 
@@ -241,7 +243,7 @@ def _fit_bnn(args, run_dir: Path) -> int:
     options = {"hidden": list(args.hidden or (50,)), "likelihood": args.likelihood, "prior": args.prior,
                "noise": _noise(args.noise), "members": args.members, "dropout": args.dropout,
                "laplace_structure": args.laplace_structure, "nuts_samples": args.nuts_samples,
-               "nuts_warmup": args.nuts_warmup}
+               "nuts_warmup": args.nuts_warmup, "nuts_max_tree_depth": args.nuts_max_tree_depth}
     if args.guide == "nuts" and options["noise"] == "learned":
         options["noise"] = "prior"  # NUTS samples sites only: the noise gets a prior
     options = {k: v for k, v in options.items() if v is not None}

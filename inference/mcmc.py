@@ -12,15 +12,23 @@ from __future__ import annotations
 import pyro
 import torch
 from pyro.infer import MCMC, NUTS
+from pyro.infer.autoguide.initialization import init_to_sample
 
 
 def run_nuts(model, train: dict, num_samples: int = 500, warmup: int = 500, num_chains: int = 2,
-             seed: int = 0, target_accept: float = 0.8, progress: bool = True) -> dict[str, torch.Tensor]:
-    """Draws per chain: site name -> (num_chains, num_samples, *site shape)."""
+             seed: int = 0, target_accept: float = 0.8, max_tree_depth: int = 10,
+             progress: bool = True) -> dict[str, torch.Tensor]:
+    """Draws per chain: site name -> (num_chains, num_samples, *site shape).
+
+    Chains start from a draw of the prior (Pyro's default, uniform in (-2, 2) in unconstrained
+    space, puts a wide network far out on its likelihood surface, where the step size adapts to
+    almost nothing). ``max_tree_depth`` caps the leapfrog steps per draw at 2^depth.
+    """
     chains = []
     for chain in range(num_chains):
         pyro.set_rng_seed(seed + chain)
-        kernel = NUTS(model, target_accept_prob=target_accept, jit_compile=False, max_plate_nesting=1)
+        kernel = NUTS(model, target_accept_prob=target_accept, max_tree_depth=max_tree_depth,
+                      init_strategy=init_to_sample, jit_compile=False, max_plate_nesting=1)
         mcmc = MCMC(kernel, num_samples=num_samples, warmup_steps=warmup, num_chains=1,
                     disable_progbar=not progress)
         mcmc.run(**train)

@@ -25,7 +25,6 @@ from models.nn import mlp
 from models.ppca import PPCA
 from models.vae import VAE, ConditionalVAE, DeepLatentGaussianModel, label_inputs, quadrant_inputs
 
-
 BNN_METHODS = {
     "map": "point estimate of the weights (weight decay = the Gaussian prior)",
     "meanfield": "mean-field Gaussian over the weights: Bayes by Backprop (Blundell et al. 2015)",

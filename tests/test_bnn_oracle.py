@@ -1,0 +1,147 @@
+"""Bayesian linear regression with known noise: the exact posterior every weight-space method is
+checked against, plus the CLI for every BNN guide.
+
+Model: y = X w + b + eps, eps ~ N(0, sigma^2), (w, b) ~ N(0, s^2 I). With Xa = [X, 1] the
+posterior is N(m, A^-1), A = Xa^T Xa / sigma^2 + I / s^2, m = A^-1 Xa^T y / sigma^2.
+"""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from guides.map import MAPGuide
+from guides.tradi import TradiGuide
+from guides.weight_laplace import LaplaceGuide
+from inference import cli
+from inference.bnn import train
+from inference.mcmc import pooled, run_nuts
+from inference.predictive import predictive
+from inference.svi import fit
+from models.bnn import BayesianNeuralNetwork
+
+N, D, SIGMA, PRIOR_SD = 30, 2, 0.5, 1.0
+
+
+def _data(dtype=torch.float32):
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(N, D, generator=generator, dtype=dtype)
+    x[:, 1] += 0.8 * x[:, 0]  # correlated inputs: a posterior with real correlations
+    noise = SIGMA * torch.randn(N, generator=generator, dtype=dtype)
+    y = x @ torch.tensor([1.0, -2.0], dtype=dtype) + 0.3 + noise
+    return x, y
+
+
+def _exact(x, y):
+    xa = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1).double()
+    precision = xa.T @ xa / SIGMA**2 + torch.eye(D + 1, dtype=torch.float64) / PRIOR_SD**2
+    covariance = torch.linalg.inv(precision)
+    return covariance @ xa.T @ y.double() / SIGMA**2, covariance
+
+
+def _model():
+    return BayesianNeuralNetwork(nn.Linear(D, 1), (D,), "gaussian", prior="normal", prior_scale=PRIOR_SD,
+                                 noise=SIGMA)
+
+
+def _flat(draws: dict) -> torch.Tensor:
+    weight, bias = draws["net.0.weight"], draws["net.0.bias"]
+    return torch.cat([weight.reshape(len(weight), -1), bias.reshape(len(bias), -1)], 1).double()
+
+
+def test_nuts_matches_the_exact_posterior():
+    x, y = _data()
+    mean, covariance = _exact(x, y)
+    draws = run_nuts(_model(), {"x": x, "y": y}, num_samples=200, warmup=150, num_chains=2, progress=False)
+    flat = _flat(pooled(draws))
+    sd = covariance.diagonal().sqrt()
+    # 400 draws with an ESS of a few hundred: the MC error of a mean is ~ sd / 14; allow ~4 of those.
+    assert ((flat.mean(0) - mean).abs() / sd).max() < 0.27
+    # Sample covariance from ~300 effective draws: relative error ~ sqrt(2/300) = 8%; allow 25%.
+    assert torch.allclose(flat.T.cov(), covariance, rtol=0.25, atol=0.25 * sd.outer(sd).max().item() * 0.2)
+    assert (flat.T.cov().diagonal() / covariance.diagonal() - 1).abs().max() < 0.25
+
+
+def test_full_laplace_is_the_exact_posterior_in_float64():
+    torch.set_default_dtype(torch.float64)
+    try:
+        x, y = _data(torch.float64)
+        mean, covariance = _exact(x, y)
+        model = _model()
+        map_guide = MAPGuide(model)
+        fit(model, map_guide, {"x": x, "y": y}, epochs=1500, batch_size=N, lr=0.05, progress=False)
+        # The prior precision 1/s^2 is given: the GGN of a linear-Gaussian model is its exact Hessian.
+        laplace = LaplaceGuide(model, map_guide, {"x": x, "y": y}, structure="full",
+                               prior_precisions=torch.tensor([1 / PRIOR_SD**2]))
+        sd = covariance.diagonal().sqrt()
+        assert ((laplace.loc - mean).abs() / sd).max() < 1e-3  # Adam's MAP, converged
+        fitted = laplace.scale_tril @ laplace.scale_tril.T
+        assert torch.allclose(fitted, covariance, rtol=1e-4, atol=1e-8)
+        # The diagonal structure keeps the exact precision's diagonal, not the covariance's.
+        diagonal = LaplaceGuide(model, map_guide, {"x": x, "y": y}, structure="diag",
+                                prior_precisions=torch.tensor([1 / PRIOR_SD**2]))
+        assert torch.allclose(diagonal.scale**-2, torch.linalg.inv(covariance).diagonal(), rtol=1e-4)
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def test_laplace_evidence_picks_a_prior_precision_inside_the_grid():
+    x, y = _data()
+    model = _model()
+    map_guide = MAPGuide(model)
+    fit(model, map_guide, {"x": x, "y": y}, epochs=300, batch_size=N, lr=0.05, progress=False)
+    laplace = LaplaceGuide(model, map_guide, {"x": x, "y": y}, structure="full")
+    grid = laplace.evidence_curve["prior_precision"]
+    assert grid[0] < laplace.prior_precision < grid[-1]
+    # For 3 weights of size ~1-2 the evidence optimum is tau ~ d / |w*|^2: order one, not an edge.
+    expected = 3 / float(laplace.loc.pow(2).sum())
+    assert expected / 3 < laplace.prior_precision < expected * 3
+
+
+def test_sgld_on_the_bnn_recovers_the_exact_posterior_mean():
+    x, y = _data()
+    mean, covariance = _exact(x, y)
+    torch.manual_seed(0)
+    guide, _ = train(_model(), "sgld", {"x": x, "y": y}, epochs=1500, batch_size=N, lr=2e-3, seed=0,
+                     progress=False, options={"burn_in_epochs": 300, "thin": 2})
+    flat = _flat(guide.stacked())
+    sd = covariance.diagonal().sqrt()
+    # 600 correlated draws; the Langevin step adds an O(lr) bias to the variance, not the mean.
+    assert ((flat.mean(0) - mean).abs() / sd).max() < 0.3
+    assert ((flat.var(0) / covariance.diagonal()) - 1).abs().max() < 0.5
+
+
+def test_tradi_guide_samples_different_weights_and_reports_its_memory():
+    x, y = _data()
+    torch.manual_seed(0)
+    model = _model()
+    guide, _ = train(model, "tradi", {"x": x, "y": y}, epochs=30, batch_size=10, lr=0.01, seed=0,
+                     progress=False)
+    assert isinstance(guide, TradiGuide)
+    draws = predictive(model, guide, x[:5], num_samples=50)
+    assert draws["mean"].shape == (50, 5)
+    assert draws["mean"].std(0).min() > 0
+    tracked = sum(p.numel() for p in guide.buffers())
+    assert tracked == 2 * (D + 1)  # mean and variance of each of the three weights
+    assert guide.tracker.memory_bytes() == 5 * (D + 1) * 4
+
+
+@pytest.mark.parametrize("method", ["map", "meanfield", "lrt", "flipout", "mcdropout", "ensemble",
+                                    "laplace", "sgld", "sghmc", "nuts", "tradi"])
+def test_cli_fits_every_bnn_guide(tmp_path, method):
+    lr = {"sgld": "1e-4", "sghmc": "1e-5"}.get(method, "0.01")
+    argv = ["fit", "bnn", "--guide", method, "--data", "gap", "--epochs", "3", "--batch-size", "80",
+            "--lr", lr, "--hidden", "8", "--out", str(tmp_path), "--no-progress", "--nuts-samples", "20",
+            "--nuts-warmup", "20", "--predictive-samples", "20"]
+    if method == "nuts":
+        argv += ["--noise", "0.1", "--nuts-max-tree-depth", "4"]  # bounded cost: 16 steps per draw
+    assert cli.main(argv) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["test"]["rmse"] > 0 and metrics["posterior_bytes"] > 0
+    assert (tmp_path / "predictive.png").exists()
+
+
+def test_cli_rejects_an_invalid_bnn_pair(capsys):
+    assert cli.main(["fit", "bnn", "--guide", "iaf", "--data", "gap"]) == cli.EXIT_USAGE
+    assert "valid guides for bnn" in capsys.readouterr().err
