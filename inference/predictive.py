@@ -42,7 +42,7 @@ def predictive(model, guide=None, x: torch.Tensor | None = None, num_samples: in
     finally:
         model.train(was_training)
     out = {site: torch.cat([chunk[site] for chunk in chunks], dim=1) for site in sites}
-    if model.likelihood == "bernoulli":  # two-class probabilities, so the classification metrics apply
+    if model.likelihood == "bernoulli" and model.output_dim == 1:  # two classes, for the metrics
         out["probs"] = torch.stack([1 - out["probs"], out["probs"]], dim=-1)
     return out
 

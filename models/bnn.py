@@ -161,6 +161,12 @@ class _WeightLayer(PyroModule):
             setattr(self, name, PyroSample(_independent(prior(value.shape), value.dim())))
         self.bayesian = True
 
+    def set_gaussian_prior(self, name: str, loc: torch.Tensor, scale: torch.Tensor) -> None:
+        """Prior N(loc, scale^2) per entry of ``name`` ("weight" or "bias"): variational
+        continual learning puts the previous task's posterior here."""
+        loc, scale = loc.detach().clone(), scale.detach().clone()
+        setattr(self, name, PyroSample(dist.Normal(loc, scale).to_event(loc.dim())))
+
     def site(self, name: str) -> str:
         return self._pyro_get_fullname(name)
 
@@ -326,7 +332,8 @@ class BayesianNeuralNetwork(PyroModule):
     * ``heteroscedastic``: the network's two outputs are the mean and the raw scale,
       y ~ N(f_1(x), softplus(f_2(x))^2) (the seeds' "variational output", Nix & Weigend 1994);
     * ``categorical``: y ~ Categorical(logits = f(x));
-    * ``bernoulli``: y ~ Bernoulli(logits = f(x)) (one output).
+    * ``bernoulli``: y ~ Bernoulli(logits = f(x)): one binary label (one output, y (N,)), or D
+      binary outputs at once (D outputs, y (N, D)), e.g. the pixels of an autoencoder.
 
     Inputs: ``x`` (N, *input_shape); ``y`` (N,) or None to generate. The likelihood's
     parameters are recorded as deterministic sites (``mean`` and ``variance``, or ``probs``)
@@ -356,7 +363,7 @@ class BayesianNeuralNetwork(PyroModule):
             return self.net(torch.zeros(1, *self.input_shape)).shape[-1]
 
     def _check_output(self) -> None:
-        wanted = {"gaussian": 1, "heteroscedastic": 2, "bernoulli": 1}.get(self.likelihood)
+        wanted = {"gaussian": 1, "heteroscedastic": 2}.get(self.likelihood)
         if wanted is not None and self.output_dim != wanted:
             raise ValueError(f"a {self.likelihood} likelihood needs {wanted} network output(s), "
                              f"the network has {self.output_dim}")
@@ -380,6 +387,23 @@ class BayesianNeuralNetwork(PyroModule):
                 values.update({layer.site(name): value for name, value in initial.items()})
         return values
 
+    def set_gaussian_prior(self, posterior: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Replace the prior of each named weight site by N(loc, scale^2) (per entry).
+
+        Variational continual learning (Nguyen et al., 2018): after task t, the mean-field
+        posterior q_t(w) becomes the prior for task t + 1, so what was learned is kept unless
+        the new data argue against it. ``posterior``: site name -> (loc, scale), e.g. from
+        ``MeanFieldGuide.posterior(name)``.
+        """
+        layers = {layer.site(name): (layer, name) for layer in self.layers.values() if layer.bayesian
+                  for name in layer.initial}
+        unknown = set(posterior) - set(layers)
+        if unknown:
+            raise ValueError(f"no weight sites named {sorted(unknown)}")
+        for site, (loc, scale) in posterior.items():
+            layer, name = layers[site]
+            layer.set_gaussian_prior(name, loc, scale)
+
     def noise_sd(self) -> torch.Tensor:
         if self.noise == "learned":
             return self.log_noise.exp()
@@ -397,9 +421,12 @@ class BayesianNeuralNetwork(PyroModule):
         if self.likelihood == "categorical":
             pyro.deterministic("probs", f.softmax(-1), event_dim=1)
             return pyro.sample("y", dist.Categorical(logits=f), obs=y)
-        if self.likelihood == "bernoulli":
+        if self.likelihood == "bernoulli" and self.output_dim == 1:
             pyro.deterministic("probs", torch.sigmoid(f[..., 0]))
             return pyro.sample("y", dist.Bernoulli(logits=f[..., 0]), obs=y)
+        if self.likelihood == "bernoulli":
+            pyro.deterministic("probs", torch.sigmoid(f), event_dim=1)
+            return pyro.sample("y", dist.Bernoulli(logits=f).to_event(1), obs=y)
         mean = f[..., 0]
         if self.likelihood == "heteroscedastic":
             sd = F.softplus(f[..., 1]) + 1e-3  # the floor keeps the likelihood bounded

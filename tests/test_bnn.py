@@ -209,7 +209,6 @@ def test_deterministic_layer_keeps_a_parameter():
 @pytest.mark.parametrize("kwargs, message", [
     ({"net": mlp([3, 8, 2]), "likelihood": "gaussian"}, "1 network output"),
     ({"net": mlp([3, 8, 1]), "likelihood": "heteroscedastic"}, "2 network output"),
-    ({"net": mlp([3, 8, 2]), "likelihood": "bernoulli"}, "1 network output"),
     ({"net": mlp([3, 8, 1]), "likelihood": "categorical"}, "one network output per class"),
     ({"net": mlp([3, 8, 1]), "likelihood": "poisson"}, "unknown likelihood"),
     ({"net": mlp([3, 8, 1]), "prior": "laplace"}, "unknown prior"),
@@ -220,6 +219,15 @@ def test_bad_inputs_raise_value_error(kwargs, message):
     kwargs = dict(kwargs)
     with pytest.raises(ValueError, match=message):
         BayesianNeuralNetwork(kwargs.pop("net"), (3,), **kwargs)
+
+
+def test_bernoulli_with_several_outputs_scores_each_output():
+    model = BayesianNeuralNetwork(mlp([3, 8, 4]), (3,), "bernoulli")
+    x, y = torch.randn(5, 3), torch.randint(0, 2, (5, 4)).float()
+    trace = pyro.poutine.trace(model).get_trace(x, y)
+    trace.compute_log_prob()
+    assert trace.nodes["y"]["log_prob"].shape == (5,)  # 4 pixels per point, summed as one event
+    assert trace.nodes["probs"]["value"].shape == (5, 4)
 
 
 def test_a_bare_layer_becomes_bayesian():
@@ -546,3 +554,16 @@ def test_fit_reports_the_full_batch_elbo_as_the_sum_of_its_minibatches():
     full = Trace_ELBO(max_plate_nesting=1).loss(model, guide, **data)
     result = fit(model, guide, data, epochs=1, batch_size=16, lr=0.0, progress=False)
     assert -result.history[0]["train_elbo"] * N == pytest.approx(full, rel=1e-4)
+
+
+def test_continual_learning_prior_is_the_previous_posterior():
+    model = BayesianNeuralNetwork(mlp([2, 4, 1]), (2,), "gaussian", noise=0.5)
+    posterior = {name: (torch.randn(shape), torch.rand(shape) + 0.1)
+                 for name, shape in weight_sites(model).items()}
+    model.set_gaussian_prior(posterior)
+    trace = pyro.poutine.trace(model).get_trace(torch.randn(3, 2))
+    for name, (loc, scale) in posterior.items():
+        prior = trace.nodes[name]["fn"].base_dist
+        assert torch.equal(prior.loc, loc) and torch.equal(prior.scale, scale)
+    with pytest.raises(ValueError, match="no weight sites"):
+        model.set_gaussian_prior({"net.9.weight": posterior["net.0.weight"]})
