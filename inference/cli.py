@@ -233,10 +233,7 @@ def _noise(text: str):
     return value
 
 
-def _fit_bnn(args, run_dir: Path) -> int:
-    """Train a Bayesian MLP with the chosen method and score it on the test split."""
-    if args.resume:
-        raise UsageError("--resume is not supported for bnn runs yet; start a new run")
+def _bnn_options(args) -> dict:
     if args.likelihood == "bernoulli" or not 0 <= args.dropout < 1:
         raise UsageError("bnn likelihoods: gaussian or heteroscedastic (regression; classification "
                          "is categorical); --dropout must be in [0, 1)")
@@ -244,9 +241,16 @@ def _fit_bnn(args, run_dir: Path) -> int:
                "noise": _noise(args.noise), "members": args.members, "dropout": args.dropout,
                "laplace_structure": args.laplace_structure, "nuts_samples": args.nuts_samples,
                "nuts_warmup": args.nuts_warmup, "nuts_max_tree_depth": args.nuts_max_tree_depth}
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def _fit_bnn(args, run_dir: Path) -> int:
+    """Train a Bayesian MLP with the chosen method and score it on the test split."""
+    if args.resume:
+        raise UsageError("--resume is not supported for bnn runs yet; start a new run")
+    options = _bnn_options(args)
     if args.guide == "nuts" and options["noise"] == "learned":
         options["noise"] = "prior"  # NUTS samples sites only: the noise gets a prior
-    options = {k: v for k, v in options.items() if v is not None}
     fit_options = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
                    "lr_decay": args.lr_decay, "patience": args.patience, "seed": args.seed}
     dataset = registry.load_data(args.model, args.data, root=args.data_root, download=args.download,
@@ -361,12 +365,20 @@ def _compare(args) -> int:
 
     if not 0 <= args.masking_noise < 1:
         raise UsageError("--masking-noise must be in [0, 1)")
-    if registry.model_entry(args.model).family == registry.BNN:
-        raise UsageError("compare does not take bnn yet; benchmarks/bnn.py compares its guides")
     out = args.out or Path("runs") / f"compare-{args.model}-{args.data}-seed{args.seed}"
     fit_options = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
                    "lr_decay": args.lr_decay, "num_particles": args.num_particles,
                    "kl_anneal_epochs": args.kl_anneal, "patience": args.patience, "seed": args.seed}
+    if registry.model_entry(args.model).family == registry.BNN:
+        from inference.compare import compare_bnn
+
+        fit_options.pop("num_particles"), fit_options.pop("kl_anneal_epochs")
+        rows = compare_bnn(args.guides, args.data, options=_bnn_options(args), fit_options=fit_options,
+                           out=out, split=args.split, num_samples=args.predictive_samples,
+                           progress=not args.no_progress)
+        print((out / "compare.md").read_text())
+        print(f"comparison folder: {out}")
+        return 1 if any(row["status"].startswith("stopped") for row in rows) else 0
     try:
         rows = compare(args.model, args.guides, args.data, options=_model_options(args),
                        fit_options=fit_options, is_samples=args.is_samples, out=out,

@@ -145,3 +145,15 @@ def test_cli_fits_every_bnn_guide(tmp_path, method):
 def test_cli_rejects_an_invalid_bnn_pair(capsys):
     assert cli.main(["fit", "bnn", "--guide", "iaf", "--data", "gap"]) == cli.EXIT_USAGE
     assert "valid guides for bnn" in capsys.readouterr().err
+
+
+def test_cli_compares_bnn_guides_from_the_same_start(tmp_path):
+    argv = ["compare", "bnn", "--guides", "map,meanfield,tradi", "--data", "gap", "--epochs", "3",
+            "--batch-size", "80", "--lr", "0.01", "--hidden", "8", "--out", str(tmp_path), "--no-progress",
+            "--predictive-samples", "20"]
+    assert cli.main(argv) == 0
+    table = (tmp_path / "compare.md").read_text()
+    for guide in ("map", "meanfield", "tradi"):
+        assert f"| {guide} |" in table
+    rows = (tmp_path / "compare.csv").read_text().splitlines()
+    assert rows[0].startswith("guide,rmse,nll") and len(rows) == 4
