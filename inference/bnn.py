@@ -131,7 +131,8 @@ def _tradi(model, train: dict, valid, options: dict, fit_options: dict):
     result = fit(model, guide, train, valid, optimizer=optimizer, **fit_options)
     if tracker.tracked_steps == 0:
         raise ValueError("TRADI tracked no step: train for more epochs than burn_in_epochs")
-    tradi = TradiGuide(model, tracker.means(), tracker.variances(), guide.point())
+    tradi = TradiGuide(model, tracker.means(), tracker.variances(), guide.point(),
+                       rank=options.get("tradi_rank", 0), correlation=options.get("tradi_correlation", 0.5))
     tradi.tracker = tracker
     return tradi, result
 
