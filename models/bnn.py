@@ -245,7 +245,7 @@ class OverBatch(nn.Module):
 
 _POOLING = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 _ELEMENTWISE = (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.ELU, nn.LeakyReLU, nn.SiLU, nn.Softplus,
-                nn.Dropout, nn.Identity, nn.Sequential)
+                nn.Dropout, nn.Identity)
 
 
 def bayesian(net: nn.Module, input_shape: tuple[int, ...], prior: str = "fan_in",
@@ -295,28 +295,24 @@ def _trailing_dims(net: nn.Module, input_shape) -> dict[str, int]:
 
 
 def _replace_layers(module: nn.Module, prefix: str, event_dims: dict[str, int]) -> None:
+    """Swap, in place, each layer for its sample-broadcasting version; recurse into containers."""
     for child_name, child in module.named_children():
         name = f"{prefix}{child_name}"
         if isinstance(child, nn.Linear):
-            replacement = Linear(child)
+            setattr(module, child_name, Linear(child))
         elif isinstance(child, nn.Conv2d):
-            replacement = Conv2d(child)
+            setattr(module, child_name, Conv2d(child))
         elif isinstance(child, nn.Flatten):
             if child.end_dim != -1:
                 raise ValueError(f"{name}: only Flatten(start_dim, end_dim=-1) is supported")
-            replacement = Flatten(event_dims[name] - (child.start_dim - 1))
+            setattr(module, child_name, Flatten(event_dims[name] - (child.start_dim - 1)))
         elif isinstance(child, _POOLING):
-            replacement = OverBatch(child, event_dims[name])
-        elif isinstance(child, _ELEMENTWISE) or not any(True for _ in child.children()):
-            if not isinstance(child, _ELEMENTWISE) and any(True for _ in child.parameters()):
-                raise ValueError(f"{name}: {type(child).__name__} has parameters and is not supported; "
-                                 "use Linear or Conv2d layers")
-            replacement = child
-        else:
-            replacement = child
-        if replacement is not child:
-            setattr(module, child_name, replacement)
-        _replace_layers(replacement if replacement is child else nn.Module(), f"{name}.", event_dims)
+            setattr(module, child_name, OverBatch(child, event_dims[name]))
+        elif any(True for _ in child.children()):
+            _replace_layers(child, f"{name}.", event_dims)
+        elif not isinstance(child, _ELEMENTWISE) and any(True for _ in child.parameters()):
+            raise ValueError(f"{name}: {type(child).__name__} has parameters and is not supported; "
+                             "use Linear or Conv2d layers")
 
 
 # ----------------------------------------------------------------------------------------------
