@@ -50,7 +50,9 @@ class LaplaceGuide(PyroModule):
         if model.likelihood == "heteroscedastic":
             raise ValueError("the Laplace guide supports gaussian, categorical and bernoulli likelihoods")
         self.structure, self.sites = structure, weight_sites(model)
-        self.point = {name: value.detach() for name, value in map_guide.point().items()}
+        self.point = {name: value.detach().clone() for name, value in map_guide.point().items()}
+        for site in self.sites:  # buffers, so state_dict and memory counts include the fixed weights
+            self.register_buffer(f"{site.key}_point", self.point[site.name])
         self.selected = self._select(structure)
         self.sizes = [self.point[name].numel() for name in self.selected]
         ggn = _ggn(model, self.point, self.selected, train, diagonal=structure == "diag",

@@ -29,6 +29,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
+from pyro.distributions import constraints
 from pyro.nn import PyroModule, PyroSample
 from pyro.nn.module import to_pyro_module_
 from pyro.poutine.runtime import effectful
@@ -154,11 +155,11 @@ class _WeightLayer(PyroModule):
             del self.bias
         if hierarchical:
             self.prior_scale = PyroSample(dist.HalfNormal(torch.tensor(float(std))))
-            prior = lambda shape: lambda module: _normal_with_scale(module.prior_scale, shape)
-        else:
-            prior = lambda shape: dist.Normal(0.0, float(std)).expand(shape)
         for name, value in self.initial.items():
-            setattr(self, name, PyroSample(_independent(prior(value.shape), value.dim())))
+            # Built at every draw, so Pyro's validation switch applies to it.
+            prior = (lambda module, shape=value.shape: IsotropicNormal(module.prior_scale, shape)) \
+                if hierarchical else (lambda module, shape=value.shape: IsotropicNormal(std, shape))
+            setattr(self, name, PyroSample(prior))
         self.bayesian = True
 
     def set_gaussian_prior(self, name: str, loc: torch.Tensor, scale: torch.Tensor) -> None:
@@ -171,16 +172,42 @@ class _WeightLayer(PyroModule):
         return self._pyro_get_fullname(name)
 
 
-def _normal_with_scale(scale: torch.Tensor, shape: torch.Size) -> dist.Normal:
-    """N(0, scale^2) over a weight of ``shape``, for a scale that may carry sample dimensions."""
-    return dist.Normal(0.0, scale[(...,) + (None,) * len(shape)]).expand(scale.shape + shape)
+class IsotropicNormal(dist.TorchDistribution):
+    """N(0, scale^2 I) over a whole weight tensor: one event of shape ``event_shape``.
 
+    The density of ``Normal(0, scale).expand(shape).to_event(k)``, computed in one pass over the
+    weights, -|w|^2 / (2 scale^2) - n log scale - n/2 log 2 pi: the expanded Normal materialises
+    log(scale) and a standardised copy for every weight, which dominated the cost of a step.
+    ``scale`` may carry batch (sample) dimensions, as a hierarchical prior's scale does.
+    """
 
-def _independent(prior, event_dim: int):
-    """Declare every dimension of a weight tensor an event dimension (one joint site)."""
-    if callable(prior) and not isinstance(prior, dist.Distribution):
-        return lambda module: prior(module).to_event(event_dim)
-    return prior.to_event(event_dim)
+    arg_constraints = {"scale": constraints.positive}
+    has_rsample = True
+
+    def __init__(self, scale, event_shape: torch.Size, validate_args=None):
+        self.scale = torch.as_tensor(scale, dtype=torch.get_default_dtype())
+        super().__init__(self.scale.shape, torch.Size(event_shape), validate_args=validate_args)
+
+    @property
+    def support(self):
+        return constraints.independent(constraints.real, len(self.event_shape))
+
+    def expand(self, batch_shape, _instance=None):
+        return IsotropicNormal(self.scale.expand(batch_shape), self.event_shape)
+
+    def _scale(self) -> torch.Tensor:
+        return self.scale[(...,) + (None,) * len(self.event_shape)]
+
+    def rsample(self, sample_shape=()):
+        shape = self._extended_shape(torch.Size(sample_shape))
+        return torch.randn(shape, dtype=self.scale.dtype, device=self.scale.device) * self._scale()
+
+    def log_prob(self, value):
+        event_dims = tuple(range(-len(self.event_shape), 0))
+        count = self.event_shape.numel()
+        squares = value.pow(2).sum(event_dims) if event_dims else value.pow(2)
+        return (-0.5 * squares / self.scale**2 - count * self.scale.log()
+                - 0.5 * count * math.log(2 * math.pi))
 
 
 def as_global(value: torch.Tensor | None, event_dim: int) -> torch.Tensor | None:
