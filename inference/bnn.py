@@ -48,6 +48,10 @@ def train(model, method: str, train: dict, valid: dict | None = None, *, options
           **fit_options):
     """Fit ``model`` with ``method``; returns (guide, FitResult or None for NUTS).
 
+    For ``sgld`` and ``sghmc`` ``lr`` is the sampler's step size on the whole-data potential, far
+    below an Adam learning rate: about 3e-4 (SGLD) and 1e-5 (SGHMC, whose drift per step is about
+    lr / friction) worked on the gap and Boston sets; larger steps diverge.
+
     ``options``: method settings (``init_scale``, ``dropout``, ``members``, ``laplace_structure``,
     ``burn_in_epochs``, ``thin``, ``nuts_samples``, ``nuts_warmup``, ``nuts_chains``, ``tradi``
     tracker settings). ``fit_options`` go to ``inference.svi.fit`` (epochs, lr, batch_size, ...).
@@ -55,6 +59,8 @@ def train(model, method: str, train: dict, valid: dict | None = None, *, options
     if method not in METHODS:
         raise ValueError(f"unknown BNN method {method!r}; choose from {', '.join(METHODS)}")
     options = dict(options or {})
+    if method in ("sgld", "sghmc", "tradi") and "optimizer" in fit_options:
+        raise ValueError(f"{method} brings its own optimizer (a sampler, or Adam with the tracker)")
     if method == "nuts":
         return _nuts(model, train, options, fit_options), None
     if method in ("sgld", "sghmc"):

@@ -284,6 +284,10 @@ def bayesian(net: nn.Module, input_shape: tuple[int, ...], prior: str = "fan_in"
     ``nn.Flatten`` how many trailing dimensions it flattens. ``prior``: ``"normal"`` N(0,
     scale^2), ``"fan_in"`` N(0, scale^2 / fan-in) (the default: activations keep their size
     with depth), ``"hierarchical"`` the fan-in prior with a HalfNormal scale per layer.
+
+    Measured caveat: with scale 1 the fan-in prior is strong for small data sets. On ``digits``
+    (1,043 images, a 64-100-100-8 net) the MAP network reaches 0.31 test accuracy under it and
+    0.96 under ``"normal"``; chapter 7 chooses ``prior_scale`` by validation NLL (30 there).
     """
     if prior not in PRIORS:
         raise ValueError(f"unknown prior {prior!r}; choose from {', '.join(PRIORS)}")

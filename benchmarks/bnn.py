@@ -1,0 +1,617 @@
+"""Benchmark: every Bayesian-neural-network method of ``inference.bnn.train``, speed and quality.
+
+Run ``.venv/bin/python benchmarks/bnn.py --threads 1`` (``--quick`` checks the script in about a
+minute). For each method (MAP, mean-field = Bayes by Backprop, + local reparameterization, +
+Flipout, MC dropout, a 5-member deep ensemble, last-layer Laplace, SGLD, SGHMC, TRADI) it measures:
+
+1. **Speed.** Seconds per training epoch against a plain PyTorch MLP of the same size
+   (``nn.Sequential`` of the same layers, starting from the same weights, MSE or cross-entropy,
+   no prior) trained with the same optimizer (Adam), learning rate, batch size, minibatch
+   order and data, written out by hand below (``train_plain``). One run each; the first epoch is
+   a warm-up and is excluded; the median of the rest is reported (wall seconds from each
+   epoch's ``history`` row of ``inference.svi.fit``, and CPU seconds of this process, which other
+   jobs on the machine disturb less). Measured on the digits net (64-100-100-8) and on the Boston
+   net (13-50-1) during their quality runs, and, in the full mode, on a wider net (784-400-400-8,
+   mnist5k) where the arithmetic outweighs the per-step overhead. SGLD and SGHMC use their own
+   optimizers (not Adam), the ensemble trains its 5 members in each step, Laplace's epochs are
+   MAP epochs (its Hessian comes after training and is timed separately).
+2. **Boston housing** (Hernandez-Lobato & Adams 2015: 90/10 splits, a 13-50-1 ReLU net, RMSE
+   and Gaussian NLL in the data's units, mean and standard error over ``--splits`` splits).
+3. **Digits** (8x8 scikit-learn digits; classes 8 and 9 held out as out-of-distribution
+   inputs): accuracy, NLL, ECE (15 bins), and OOD AUROC from the predictive entropy.
+4. **Posterior memory**, bytes of the tensors that make up each posterior
+   (``inference.metrics.memory_bytes``).
+5. **NUTS** on a small Boston net (13-10-1) only when asked (``--nuts-samples``): Pyro's NUTS
+   takes seconds per draw here, so it is skipped by default and the report says so.
+
+Writes ``results/bnn.json`` and ``results/bnn.md`` (``bnn_quick.*`` with ``--quick``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pyro
+import torch
+from torch import nn
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from guides.samples import WeightSamples
+from guides.weight_laplace import LaplaceGuide
+from inference import metrics
+from inference.bnn import train
+from inference.metrics import memory_bytes
+from inference.predictive import score
+from inference.supervised import load_supervised
+from models.bnn import BayesianNeuralNetwork
+from models.nn import mlp
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+METHODS = ("map", "meanfield", "lrt", "flipout", "mcdropout", "ensemble", "laplace", "sgld", "sghmc",
+           "tradi")
+WIDE_METHODS = ("map", "meanfield", "lrt", "flipout", "mcdropout", "ensemble", "sgld", "tradi")
+LABELS = {"plain": "plain PyTorch MLP", "map": "MAP", "meanfield": "mean-field (BBB)",
+          "lrt": "mean-field + local reparam.", "flipout": "mean-field + Flipout", "mcdropout": "MC dropout",
+          "ensemble": "deep ensemble", "laplace": "Laplace", "sgld": "SGLD", "sghmc": "SGHMC",
+          "tradi": "TRADI", "nuts": "NUTS"}
+TARGETS = {"meanfield": ("plain", 3.0), "lrt": ("meanfield", 2.0), "flipout": ("meanfield", 2.0)}
+
+
+@dataclass
+class Config:
+    splits: int = 20                 # Boston splits (of the protocol's 20)
+    boston_hidden: int = 50
+    boston_epochs: int = 40
+    boston_batch_size: int = 32
+    boston_lr: float = 1e-2
+    digits_hidden: int = 100         # two hidden layers
+    digits_epochs: int = 30
+    digits_batch_size: int = 100
+    digits_lr: float = 3e-3
+    sgld_lr: float = 3e-4            # SGLD step size (the Adam lr is far too large for it)
+    sghmc_lr: float = 1e-5           # SGHMC eta; with friction 0.05 its drift per step ~ eta / 0.05
+    wide_hidden: int = 400           # timing-only net on mnist5k (two hidden layers); 0 skips it
+    wide_epochs: int = 4             # one warm-up epoch + 3 timed
+    wide_batch_size: int = 100
+    num_samples: int = 100           # predictive weight samples (MAP: 1; sample sets: all members)
+    prior: str = "normal"
+    prior_scale: float = 1.0
+    members: int = 5
+    dropout: float = 0.1
+    laplace_structure: str = "last-layer"
+    nuts_hidden: int = 10
+    nuts_warmup: int = 0             # 0: NUTS skipped
+    nuts_samples: int = 0
+    nuts_chains: int = 1
+    seed: int = 0
+
+
+QUICK = {"splits": 2, "boston_epochs": 10, "digits_epochs": 6, "num_samples": 20, "wide_hidden": 0}
+
+NUTS_SKIPPED = (
+    "NUTS was skipped (`--nuts-samples 0`). Pyro's NUTS as `inference/mcmc.py` runs it (no JIT, one "
+    "chain after another) spends seconds per draw on the Boston data even for a 13-10-1 net: a probe "
+    "on this machine (split 0, noise ~ HalfNormal(1), 1 chain, 30 warm-up + 30 draws; `benchmarks/bnn.py "
+    "--quick --nuts-warmup 30 --nuts-samples 30` runs the same) took 532 s, about 9 s per iteration "
+    "with the step size adapted down to ~3e-3 (long trajectories per draw). "
+    "The default 2 chains x (500 warm-up + 500 draws) would take about 5 hours, far outside this "
+    "benchmark's budget."
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing
+
+
+class EpochClock:
+    """A batch transform that returns the minibatch unchanged and stamps the wall and CPU clocks.
+
+    ``fit`` calls it once per training minibatch (and once while it sets up), so the CPU seconds
+    between the first minibatches of consecutive epochs are one epoch's CPU time, measured from
+    outside ``fit`` without touching it.
+    """
+
+    def __init__(self, steps_per_epoch: int):
+        self.steps_per_epoch = steps_per_epoch
+        self.stamps: list[tuple[float, float]] = []
+
+    def __call__(self, batch: dict, generator) -> dict:
+        self.stamps.append((time.perf_counter(), time.process_time()))
+        return batch
+
+    def cpu_seconds(self, epochs: int) -> list[float]:
+        """CPU seconds of epochs 1..epochs-1 (0-based; the last one has no next start stamp)."""
+        starts = self.stamps[-epochs * self.steps_per_epoch::self.steps_per_epoch]
+        return [b[1] - a[1] for a, b in zip(starts[:-1], starts[1:], strict=True)]
+
+
+def after_warmup(values: list[float]) -> list[float]:
+    return values[1:] if len(values) > 1 else values
+
+
+def median_or_nan(values: list[float]) -> float:
+    return statistics.median(values) if values else math.nan
+
+
+def train_plain(net: nn.Module, data: dict, task: str, epochs: int, batch_size: int, lr: float,
+                seed: int) -> dict:
+    """The plain PyTorch loop: Adam, MSE or cross-entropy, the minibatch order ``fit`` uses."""
+    pyro.set_rng_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+    x, y = data["x"], data["y"]
+    wall, cpu, losses = [], [], []
+    net.train()
+    for _ in range(epochs):
+        started, started_cpu, total = time.perf_counter(), time.process_time(), 0.0
+        order = torch.randperm(len(x), generator=generator)
+        for start in range(0, len(x), batch_size):
+            index = order[start:start + batch_size]
+            out = net(x[index])
+            loss = F.mse_loss(out[:, 0], y[index]) if task == "regression" else F.cross_entropy(out, y[index])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(index)
+        wall.append(time.perf_counter() - started)
+        cpu.append(time.process_time() - started_cpu)
+        losses.append(total / len(x))
+    net.eval()
+    return {"epoch_wall_seconds": wall, "epoch_cpu_seconds": cpu, "train_loss": losses,
+            "seconds_per_epoch": median_or_nan(after_warmup(wall)),
+            "cpu_seconds_per_epoch": median_or_nan(after_warmup(cpu)),
+            "train_seconds": sum(wall), "load_average": os.getloadavg()}
+
+
+def run_method(model, method: str, data: dict, cfg: Config, epochs: int, batch_size: int, lr: float,
+               seed: int) -> tuple[object, dict]:
+    """``inference.bnn.train`` with the clock attached; returns (guide, timing)."""
+    steps = math.ceil(len(data["x"]) / batch_size)
+    clock = EpochClock(steps)
+    options = {"members": cfg.members, "dropout": cfg.dropout, "laplace_structure": cfg.laplace_structure}
+    started = time.perf_counter()
+    lr = {"sgld": cfg.sgld_lr, "sghmc": cfg.sghmc_lr}.get(method, lr)
+    guide, result = train(model, method, data, None, options=options, epochs=epochs, batch_size=batch_size,
+                          lr=lr, progress=False, seed=seed, batch_transform=clock)
+    total = time.perf_counter() - started
+    wall = [row["seconds"] for row in result.history]
+    cpu = clock.cpu_seconds(epochs)
+    return guide, {
+        "epoch_wall_seconds": wall,
+        "epoch_cpu_seconds": cpu,
+        "seconds_per_epoch": median_or_nan(after_warmup(wall)),
+        "cpu_seconds_per_epoch": median_or_nan(after_warmup(cpu)),
+        "train_seconds": total,
+        "after_training_seconds": total - sum(wall),  # Laplace's Hessian, guide construction, ...
+        "final_train_elbo": result.history[-1]["train_elbo"],
+        "load_average": os.getloadavg(),
+    }
+
+
+def with_ratios(timings: dict[str, dict]) -> dict[str, dict]:
+    """Add wall and CPU ratios against the plain network to every method's timing."""
+    plain = timings["plain"]
+    for row in timings.values():
+        row["ratio"] = row["seconds_per_epoch"] / plain["seconds_per_epoch"]
+        row["cpu_ratio"] = row["cpu_seconds_per_epoch"] / plain["cpu_seconds_per_epoch"]
+    return timings
+
+
+def targets(timings: dict[str, dict]) -> dict[str, dict]:
+    out = {}
+    for method, (reference, limit) in TARGETS.items():
+        if method in timings and reference in timings:
+            ratio = timings[method]["seconds_per_epoch"] / timings[reference]["seconds_per_epoch"]
+            cpu = timings[method]["cpu_seconds_per_epoch"] / timings[reference]["cpu_seconds_per_epoch"]
+            out[method] = {"against": reference, "limit": limit, "ratio": ratio, "cpu_ratio": cpu,
+                           "met": ratio <= limit, "met_cpu": cpu <= limit}
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Models and scores
+
+
+def sizes(dataset, hidden: tuple[int, ...]) -> list[int]:
+    outputs = 1 if dataset.task == "regression" else dataset.num_classes
+    return [dataset.x_dim, *hidden, outputs]
+
+
+def make_pair(dataset, hidden: tuple[int, ...], cfg: Config, seed: int, noise="learned"):
+    """A Bayesian net and a plain copy starting from the same weights."""
+    pyro.clear_param_store()
+    torch.manual_seed(seed)
+    net = mlp(sizes(dataset, hidden))
+    likelihood = "gaussian" if dataset.task == "regression" else "categorical"
+    model = BayesianNeuralNetwork(net, dataset.x_shape, likelihood=likelihood, prior=cfg.prior,
+                                  prior_scale=cfg.prior_scale, noise=noise)
+    return model, net
+
+
+def posterior_bytes(guide) -> int:
+    """Bytes of the posterior. A last-layer Laplace guide keeps the other layers' MAP weights in a
+    plain dict that ``memory_bytes(guide)`` does not see; they are part of its posterior."""
+    total = memory_bytes(guide)
+    if isinstance(guide, LaplaceGuide):
+        total += memory_bytes({k: v for k, v in guide.point.items() if k not in guide.selected})
+    return total
+
+
+def predictive_samples(method: str, guide, cfg: Config) -> int:
+    if isinstance(guide, WeightSamples):
+        return guide.num_members  # ensemble members, SG-MCMC and NUTS draws: each once
+    return 1 if method == "map" else cfg.num_samples
+
+
+def plain_scores(net: nn.Module, dataset) -> dict:
+    with torch.no_grad():
+        out = net(dataset.test["x"])
+        if dataset.task == "regression":
+            rmse = (out[:, 0] - dataset.test["y"]).pow(2).mean().sqrt().item() * dataset.y_std
+            return {"rmse": rmse, "nll": math.nan}
+        probs = out.softmax(-1)[None]
+        result = metrics.classification_metrics(probs, dataset.test["y"])
+        result["ood"] = metrics.ood_metrics(probs, net(dataset.ood["x"]).softmax(-1)[None])
+        return result
+
+
+def mean_se(values: list[float]) -> dict:
+    if any(math.isnan(v) for v in values):
+        return {"mean": math.nan, "se": math.nan, "n": len(values), "values": values}
+    mean = statistics.fmean(values)
+    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.nan
+    return {"mean": mean, "se": se, "n": len(values), "values": values}
+
+
+# ----------------------------------------------------------------------------------------------
+# The experiments
+
+
+def boston(cfg: Config) -> dict:
+    rows: dict[str, list[dict]] = {m: [] for m in ("plain", *METHODS)}
+    hidden = (cfg.boston_hidden,)
+    for split in tqdm(range(cfg.splits), desc="Boston splits"):
+        data = load_supervised("boston", split=split)
+        for method in ("plain", *METHODS):
+            model, net = make_pair(data, hidden, cfg, cfg.seed)
+            if method == "plain":
+                timing = train_plain(net, data.train, data.task, cfg.boston_epochs, cfg.boston_batch_size,
+                                     cfg.boston_lr, cfg.seed)
+                scores, memory = plain_scores(net, data), memory_bytes(net)
+            else:
+                guide, timing = run_method(model, method, data.train, cfg, cfg.boston_epochs,
+                                           cfg.boston_batch_size, cfg.boston_lr, cfg.seed)
+                scores = score(model, guide, data, num_samples=predictive_samples(method, guide, cfg))
+                memory = posterior_bytes(guide)
+            rows[method].append({"split": split, "rmse": scores["rmse"], "nll": scores["nll"],
+                                 "memory_bytes": memory, **timing})
+    summary = {}
+    for method, runs in rows.items():
+        summary[method] = {
+            "rmse": mean_se([r["rmse"] for r in runs]),
+            "nll": mean_se([r["nll"] for r in runs]),
+            "memory_bytes": runs[0]["memory_bytes"],
+            "train_seconds": statistics.fmean(r["train_seconds"] for r in runs),
+            "timing_split_0": {k: v for k, v in runs[0].items() if k not in ("rmse", "nll", "split")},
+        }
+    speed = with_ratios({m: s["timing_split_0"] for m, s in summary.items()})
+    return {"summary": summary, "runs": rows, "speed": speed, "targets": targets(speed),
+            "net": f"13-{cfg.boston_hidden}-1", "splits": cfg.splits}
+
+
+def digits(cfg: Config) -> dict:
+    data = load_supervised("digits")
+    hidden = (cfg.digits_hidden, cfg.digits_hidden)
+    rows = {}
+    for method in tqdm(("plain", *METHODS), desc="digits"):
+        model, net = make_pair(data, hidden, cfg, cfg.seed)
+        if method == "plain":
+            timing = train_plain(net, data.train, data.task, cfg.digits_epochs, cfg.digits_batch_size,
+                                 cfg.digits_lr, cfg.seed)
+            scores, memory, samples = plain_scores(net, data), memory_bytes(net), 1
+        else:
+            guide, timing = run_method(model, method, data.train, cfg, cfg.digits_epochs,
+                                       cfg.digits_batch_size, cfg.digits_lr, cfg.seed)
+            samples = predictive_samples(method, guide, cfg)
+            scores, memory = score(model, guide, data, num_samples=samples), posterior_bytes(guide)
+        rows[method] = {"accuracy": scores["accuracy"], "nll": scores["nll"], "brier": scores["brier"],
+                        "ece": scores["ece"], "ood_auroc_entropy": scores["ood"]["entropy"]["auroc"],
+                        "ood": scores["ood"], "predictive_samples": samples, "memory_bytes": memory,
+                        "timing": timing}
+    speed = with_ratios({m: r["timing"] for m, r in rows.items()})
+    return {"rows": rows, "speed": speed, "targets": targets(speed),
+            "net": f"64-{cfg.digits_hidden}-{cfg.digits_hidden}-8",
+            "sizes": {s: len(data.split(s)["y"]) for s in ("train", "valid", "test")},
+            "ood_size": len(data.ood["x"])}
+
+
+def wide(cfg: Config) -> dict:
+    """Timing only: a wider net on mnist5k, where the arithmetic outweighs the per-step overhead."""
+    data = load_supervised("mnist5k")
+    hidden = (cfg.wide_hidden, cfg.wide_hidden)
+    timings = {}
+    for method in tqdm(("plain", *WIDE_METHODS), desc="wide-net timing"):
+        model, net = make_pair(data, hidden, cfg, cfg.seed)
+        if method == "plain":
+            timings[method] = train_plain(net, data.train, data.task, cfg.wide_epochs, cfg.wide_batch_size,
+                                          1e-3, cfg.seed)
+        else:
+            timings[method] = run_method(model, method, data.train, cfg, cfg.wide_epochs,
+                                         cfg.wide_batch_size, 1e-3, cfg.seed)[1]
+    speed = with_ratios(timings)
+    return {"speed": speed, "targets": targets(speed),
+            "net": f"784-{cfg.wide_hidden}-{cfg.wide_hidden}-8", "train_size": len(data.train["y"])}
+
+
+def nuts(cfg: Config) -> dict:
+    data = load_supervised("boston", split=0)
+    model, _ = make_pair(data, (cfg.nuts_hidden,), cfg, cfg.seed, noise="prior")
+    started = time.perf_counter()
+    guide, _ = train(model, "nuts", data.train, None, seed=cfg.seed, progress=True,
+                     options={"nuts_warmup": cfg.nuts_warmup, "nuts_samples": cfg.nuts_samples,
+                              "nuts_chains": cfg.nuts_chains})
+    seconds = time.perf_counter() - started
+    scores = score(model, guide, data, num_samples=guide.num_members)
+    iterations = cfg.nuts_chains * (cfg.nuts_warmup + cfg.nuts_samples)
+    return {"net": f"13-{cfg.nuts_hidden}-1", "split": 0, "rmse": scores["rmse"], "nll": scores["nll"],
+            "seconds": seconds, "seconds_per_iteration": seconds / iterations, "draws": guide.num_members,
+            "memory_bytes": posterior_bytes(guide), "load_average": os.getloadavg()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Environment and report
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment() -> dict:
+    return {"torch": torch.__version__, "pyro": pyro.__version__, "python": platform.python_version(),
+            "device": "cpu", "cpu": cpu_model(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "load_average_at_start": os.getloadavg()}
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def fmt_bytes(n: int) -> str:
+    return f"{n:,}"
+
+
+def fmt_se(stat: dict, digits: int = 2) -> str:
+    if math.isnan(stat["mean"]):
+        return "n/a"
+    se = "" if math.isnan(stat["se"]) else f" ± {stat['se']:.{digits}f}"
+    return f"{stat['mean']:.{digits}f}{se}"
+
+
+def speed_table(report: dict) -> list[str]:
+    d, b = report["digits"]["speed"], report["boston"]["speed"]
+    w = report.get("wide", {}).get("speed", {})
+    wide_net = report["wide"]["net"] if "wide" in report else None
+    header = (f"| method | digits {report['digits']['net']}: s/epoch | x plain (wall) | x plain (CPU) | "
+              f"load avg | Boston {report['boston']['net']}: x plain (wall / CPU) |")
+    if wide_net:
+        header += f" mnist5k {wide_net}: s/epoch | x plain (wall / CPU) |"
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for method in ("plain", *METHODS):
+        row = d[method]
+        line = (f"| {LABELS[method]} | {row['seconds_per_epoch']:.3f} | {row['ratio']:.1f}x | "
+                f"{row['cpu_ratio']:.1f}x | {row['load_average'][0]:.1f} | "
+                f"{b[method]['ratio']:.1f}x / {b[method]['cpu_ratio']:.1f}x |")
+        if wide_net:
+            if method in w:
+                line += (f" {w[method]['seconds_per_epoch']:.3f} | {w[method]['ratio']:.1f}x / "
+                         f"{w[method]['cpu_ratio']:.1f}x |")
+            else:
+                line += " | |"
+        lines.append(line)
+    return lines
+
+
+def target_lines(report: dict) -> list[str]:
+    lines = []
+    blocks = [("digits", report["digits"]), ("Boston", report["boston"])]
+    if "wide" in report:
+        blocks.append(("mnist5k wide", report["wide"]))
+    for method, (reference, limit) in TARGETS.items():
+        parts = []
+        for name, block in blocks:
+            t = block["targets"][method]
+            parts.append(f"{name} {t['ratio']:.2f}x wall / {t['cpu_ratio']:.2f}x CPU "
+                         f"({'met' if t['met'] else 'NOT met'})")
+        head = f"* {LABELS[method]} within {limit:g}x of {LABELS[reference]}: "
+        lines.append(head + "; ".join(parts) + ".")
+    return lines
+
+
+def markdown(report: dict) -> str:
+    cfg, env = report["config"], report["environment"]
+    bos, dig = report["boston"], report["digits"]
+    lines = [
+        "# Bayesian neural networks: every method of `inference.bnn.train`",
+        "",
+        f"`{report['command']}`, {report['date']} to {report['finished']}; {env['cpu']} "
+        f"({env['cpu_count']} cores shared with other jobs), torch threads: {env['torch_threads']}, "
+        f"torch {env['torch']}, pyro {env['pyro']}, Python {env['python']}. Load average "
+        f"{env['load_average_at_start'][0]:.1f} at the start, {report['load_average_at_end'][0]:.1f} at "
+        f"the end. Total {report['seconds']:.0f} s.",
+        "",
+        f"Prior N(0, {cfg['prior_scale']:g}^2) on every weight and bias (`prior=\"{cfg['prior']}\"`); "
+        "Gaussian likelihood with a learned noise (Boston), categorical (digits). Adam for every method "
+        f"but SGLD and SGHMC (their own samplers: SGLD step size {cfg['sgld_lr']:g}, SGHMC eta "
+        f"{cfg['sghmc_lr']:g} with friction 0.05; samples thinned once per epoch after a 1-epoch "
+        "burn-in); ensemble of "
+        f"{cfg['members']} members trained in one vectorized "
+        f"step; MC dropout p = {cfg['dropout']}; Laplace `{cfg['laplace_structure']}` with the prior "
+        "precision chosen by the evidence; TRADI with the tracker's defaults (1-epoch burn-in). "
+        f"Predictions average {cfg['num_samples']} weight samples (MAP 1; ensemble, SGLD, SGHMC, NUTS: "
+        "each member or draw once).",
+        "",
+        "## Speed: seconds per training epoch against a plain PyTorch MLP",
+        "",
+        "Same layers and initial weights, Adam, learning rate, batch size, minibatch order and data; "
+        "one run each; median over the epochs after the first (wall: `fit`'s per-epoch `seconds`; CPU: "
+        "this process's CPU time per epoch). The load average is the 1-minute figure when the method "
+        "finished.",
+        "",
+        *speed_table(report),
+        "",
+        "Targets, as measured:",
+        "",
+        *target_lines(report),
+        "",
+        f"Digits: batch {cfg['digits_batch_size']}, {dig['sizes']['train']} training images "
+        f"({math.ceil(dig['sizes']['train'] / cfg['digits_batch_size'])} steps per epoch), "
+        f"{cfg['digits_epochs']} epochs. Boston: batch {cfg['boston_batch_size']}, 410 training rows "
+        f"(13 steps per epoch), split 0, {cfg['boston_epochs']} epochs."
+        + (f" mnist5k: batch {cfg['wide_batch_size']}, {report['wide']['train_size']} training images, "
+           f"{cfg['wide_epochs']} epochs (timing only, lr 1e-3)." if "wide" in report else ""),
+        "",
+        f"## Boston housing ({bos['splits']} of the 20 splits, {bos['net']} ReLU net)",
+        "",
+        "| method | test RMSE | test NLL | posterior bytes | train s (mean) |",
+        "|---|---|---|---|---|",
+    ]
+    for method in ("plain", *METHODS):
+        s = bos["summary"][method]
+        lines.append(f"| {LABELS[method]} | {fmt_se(s['rmse'])} | {fmt_se(s['nll'])} | "
+                     f"{fmt_bytes(s['memory_bytes'])} | {s['train_seconds']:.1f} |")
+    lines += [
+        "",
+        f"Mean ± standard error over {bos['splits']} splits (`load_supervised(\"boston\", split=i)`, "
+        f"i = 0..{bos['splits'] - 1}: 410 train rows (the 45 validation rows unused), 51 test), RMSE in "
+        f"$1000s, NLL in nats per test point in the original units; {cfg['boston_epochs']} epochs, "
+        f"batch {cfg['boston_batch_size']}, lr {cfg['boston_lr']:g}, no early stopping. The plain "
+        "network has no noise model, hence no NLL.",
+        "",
+        f"## Digits ({dig['net']} ReLU net; classes 8 and 9 held out as OOD)",
+        "",
+        "| method | accuracy | NLL | ECE | OOD AUROC (entropy) | posterior bytes | train s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for method in ("plain", *METHODS):
+        r = dig["rows"][method]
+        lines.append(f"| {LABELS[method]} | {r['accuracy']:.4f} | {r['nll']:.3f} | {r['ece']:.4f} | "
+                     f"{r['ood_auroc_entropy']:.3f} | {fmt_bytes(r['memory_bytes'])} | "
+                     f"{r['timing']['train_seconds']:.1f} |")
+    lines += [
+        "",
+        f"scikit-learn's 8x8 digits, {dig['sizes']['train']} train / {dig['sizes']['test']} test images "
+        f"of classes 0-7, {dig['ood_size']} test images of 8 and 9 as OOD inputs; one seed "
+        f"({cfg['seed']}), {cfg['digits_epochs']} epochs, batch {cfg['digits_batch_size']}, lr "
+        f"{cfg['digits_lr']:g}. ECE with 15 equal-width bins; AUROC of the predictive entropy separating "
+        "OOD from in-distribution test images.",
+        "",
+        "## NUTS",
+        "",
+    ]
+    if "nuts" in report:
+        n = report["nuts"]
+        lines.append(f"NUTS on the {n['net']} net, Boston split {n['split']} (noise ~ HalfNormal(1)), "
+                     f"{cfg['nuts_chains']} chain(s) x ({cfg['nuts_warmup']} warm-up + {cfg['nuts_samples']} "
+                     f"draws): test RMSE {n['rmse']:.2f}, NLL {n['nll']:.2f}, {n['seconds']:.0f} s "
+                     f"({n['seconds_per_iteration']:.1f} s per iteration, load average "
+                     f"{n['load_average'][0]:.1f}), {fmt_bytes(n['memory_bytes'])} posterior bytes "
+                     f"({n['draws']} draws).")
+    else:
+        lines.append(NUTS_SKIPPED)
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--splits", type=int, help="Boston splits, 1..20 (default 20)")
+    parser.add_argument("--boston-epochs", type=int, help="default 40")
+    parser.add_argument("--digits-epochs", type=int, help="default 30")
+    parser.add_argument("--wide-hidden", type=int, help="mnist5k timing net width, 0 skips (default 400)")
+    parser.add_argument("--num-samples", type=int, help="predictive weight samples (default 100)")
+    parser.add_argument("--nuts-warmup", type=int, help="NUTS warm-up iterations per chain (default 0)")
+    parser.add_argument("--nuts-samples", type=int, help="NUTS draws per chain (default 0: skip NUTS)")
+    parser.add_argument("--nuts-chains", type=int, help="default 1")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="a small configuration to check the script")
+    parser.add_argument("--out", type=Path, help="output stem (default results/bnn or results/bnn_quick)")
+    return parser.parse_args(argv)
+
+
+def config_from(args: argparse.Namespace) -> Config:
+    cfg = Config(**QUICK) if args.quick else Config()
+    for name in ("splits", "boston_epochs", "digits_epochs", "wide_hidden", "num_samples", "nuts_warmup",
+                 "nuts_samples", "nuts_chains"):
+        if getattr(args, name) is not None:
+            setattr(cfg, name, getattr(args, name))
+    if not 1 <= cfg.splits <= 20:
+        raise SystemExit(f"--splits must be in 1..20, got {cfg.splits}")
+    if cfg.nuts_samples and cfg.nuts_warmup < 1:
+        cfg.nuts_warmup = cfg.nuts_samples
+    cfg.seed = args.seed
+    return cfg
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    cfg = config_from(args)
+    started = time.perf_counter()
+    report = {"benchmark": "bnn", "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+              "date": now(), "config": asdict(cfg), "environment": environment()}
+    report["digits"] = digits(cfg)
+    report["boston"] = boston(cfg)
+    if cfg.wide_hidden > 0:
+        report["wide"] = wide(cfg)
+    if cfg.nuts_samples > 0:
+        report["nuts"] = nuts(cfg)
+    else:
+        report["nuts_skipped"] = NUTS_SKIPPED
+    report["finished"] = now()
+    report["seconds"] = time.perf_counter() - started
+    report["load_average_at_end"] = os.getloadavg()
+    write(report, args.out or RESULTS / ("bnn_quick" if args.quick else "bnn"))
+    return report
+
+
+def finite(obj):
+    """NaN (e.g. the plain network's missing NLL) as JSON null."""
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
+def write(report: dict, stem: Path, render=None) -> None:
+    """``stem``.json (the report) and ``stem``.md (``render(report)``, this file's table by default)."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    text = (render or markdown)(report)
+    stem.with_suffix(".json").write_text(json.dumps(finite(report), indent=2) + "\n")
+    stem.with_suffix(".md").write_text(text)
+    print(text)
+    print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()
