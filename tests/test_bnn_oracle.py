@@ -58,9 +58,14 @@ def test_nuts_matches_the_exact_posterior():
     sd = covariance.diagonal().sqrt()
     # 400 draws with an ESS of a few hundred: the MC error of a mean is ~ sd / 14; allow ~4 of those.
     assert ((flat.mean(0) - mean).abs() / sd).max() < 0.27
-    # Sample covariance from ~300 effective draws: relative error ~ sqrt(2/300) = 8%; allow 25%.
-    assert torch.allclose(flat.T.cov(), covariance, rtol=0.25, atol=0.25 * sd.outer(sd).max().item() * 0.2)
+    # Covariances on the correlation scale: with ~200 effective draws an estimated correlation has
+    # a standard error of ~1/sqrt(200) = 0.07; allow 0.2. Variances: relative error ~ sqrt(2/200) = 10%;
+    # allow 25%.
+    error = (flat.T.cov() - covariance) / sd.outer(sd)
+    assert error.abs().max() < 0.2
     assert (flat.T.cov().diagonal() / covariance.diagonal() - 1).abs().max() < 0.25
+    # The exact posterior is strongly correlated (correlated inputs), so the check has teeth:
+    assert (covariance / sd.outer(sd) - torch.eye(D + 1, dtype=torch.float64)).abs().max() > 0.5
 
 
 def test_full_laplace_is_the_exact_posterior_in_float64():
