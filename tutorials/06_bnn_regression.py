@@ -73,7 +73,7 @@ SGLD_EPOCHS = 4 if SMOKE_TEST else 300       # minibatches of 40: four steps per
 NUTS_CHAINS = 2
 NUTS_WARMUP = 3 if SMOKE_TEST else 20        # iterations per chain; see section 3 for why so few
 NUTS_SAMPLES = 5 if SMOKE_TEST else 20
-BOSTON_SPLITS = 1 if SMOKE_TEST else 10      # of the 20 splits of Hernandez-Lobato & Adams (2015)
+BOSTON_SPLITS = 1 if SMOKE_TEST else 6       # of the 20 splits of Hernandez-Lobato & Adams (2015)
 BOSTON_EPOCHS = 1 if SMOKE_TEST else 40
 NUM_SAMPLES = 10 if SMOKE_TEST else 200      # predictive weight samples for the variational guides
 
@@ -357,7 +357,8 @@ plt.show()
 # (160 points with noise sd 0.1 pin some combinations of weights to about $0.1 / \sqrt{160}
 # \approx 0.01$ or less) and as wide as the prior in others (the weights of hidden units the
 # data barely use), so the step size must be small and the path long. Each leapfrog step is one gradient of the full-data log density through Pyro,
-# a few milliseconds here, so one draw costs seconds: the 80 iterations above took four minutes.
+# a few milliseconds here, so one draw costs seconds: the 80 iterations above took four to five
+# minutes on two shared CPU cores, most of this chapter's running time.
 # This is why NUTS is the gold standard for *small* networks and a reference, not a tool, for
 # the others (Izmailov et al. 2021 ran full-batch HMC on hundreds of TPUs).
 #
