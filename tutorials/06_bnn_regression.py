@@ -272,18 +272,18 @@ for method, seconds, rmse, nll, sd_data, sd_gap, sd_out, noise in rows:
 # What the full run shows (the numbers are the table's, the pictures the panels'):
 #
 # * **Two groups.** MAP, the ensemble, Laplace, TRADI and NUTS fit the data: test RMSE 0.14 to
-#   0.19, learned noise 0.11 to 0.14 (true 0.1). Mean-field (with or without local
-#   reparameterization or Flipout), MC dropout and SGLD do not: their mean is nearly a straight
-#   line, RMSE 0.32 to 0.36, and they explain the curve's wiggles as noise (sd 0.26 to 0.36).
-#   For mean-field this is the optimum of its objective, not a lack of training (3,000 steps
-#   end at the same place): with 151 weights and 160 points, the KL price of weights precise
-#   enough to draw the curve is more than the likelihood gains, the small-data failure known as
-#   over-pruning (Trippe & Turner 2017). The three estimators of the same ELBO end close
-#   together; local reparameterization and Flipout only reduce the gradient noise. SGLD is
-#   another story: its step size is bounded by the sharpest direction of the posterior, so in
-#   1,200 steps it has crawled only part of the way from the initialisation; it is still
-#   fitting, not yet sampling (a separate run of 20,000 full-batch steps reached noise sd 0.23,
-#   still far above the 0.11 of the methods that fit).
+#   0.19, noise sd 0.11 to 0.14 (true 0.1). Mean-field (with or without local
+#   reparameterization or Flipout), MC dropout and SGLD do not: their mean is a flattened curve,
+#   almost a straight line for mean-field and SGLD, with RMSE 0.32 to 0.36, and they explain the
+#   wiggles as noise (sd 0.26 to 0.36). For mean-field this is what its objective prefers, not a
+#   lack of training (a run of 3,000 steps ends at the same place): with 151 weights and 160
+#   points, the KL price of weights precise enough to draw the curve is more than the
+#   likelihood gains, the small-data failure known as over-pruning (Trippe & Turner 2018). The
+#   three estimators of the same ELBO end close together; local reparameterization and Flipout
+#   only reduce the gradient noise. SGLD is another story: its step size is bounded by the
+#   sharpest direction of the posterior, so in 1,200 steps it has crawled only part of the way
+#   from the initialisation; it is still fitting, not yet sampling (a separate run of 20,000
+#   full-batch steps reached noise sd 0.23, still far above the 0.11 of the methods that fit).
 # * **In-between uncertainty.** Only NUTS widens clearly in the gap: its epistemic sd is 0.06
 #   there against 0.03 on the data. Laplace (last layer) is nearly flat across the gap (0.028
 #   against 0.025), the ensemble's five members agree almost exactly (sd below 0.015
@@ -345,22 +345,23 @@ plt.show()
 
 # %% [markdown]
 # In the full run the weight-space diagnostics fail: max R-hat about 2 and a minimum bulk ESS
-# of 4 out of 40 draws; two chains of 20 draws cannot agree on 151 weights that permutations
-# and sign changes of the hidden units leave free. The function values at the three probe
-# inputs, which is what predictions are made of, have R-hat 1.00 to 1.02 and ESS 35 to 52, and
-# the traces of the two chains overlap; the noise scale, R-hat 1.14, has not settled. That is a
-# weak "consistent so far", not a certificate: forty draws cannot reveal a mode neither chain
-# visited.
+# of 4 out of 40 draws. Part of that is the symmetry (a chain that has swapped two hidden units
+# disagrees on their weights without disagreeing on anything that matters), part is simply too
+# few draws. The function values at the three probe inputs, which is what predictions are made
+# of, have R-hat 1.00 to 1.02 and ESS 35 to 52, and the traces of the two chains overlap; the
+# noise scale, R-hat 1.14, has not settled. That is a weak "consistent so far", not a
+# certificate: forty draws cannot reveal a mode neither chain visited.
 #
 # Why so few draws? NUTS builds each trajectory until it turns back, up to 1,023 leapfrog steps,
 # and here it needs hundreds of them or the maximum: the posterior is narrow in some directions
 # (160 points with noise sd 0.1 pin some combinations of weights to about $0.1 / \sqrt{160}
 # \approx 0.01$ or less) and as wide as the prior in others (the weights of hidden units the
-# data barely use), so the step size must be small and the path long. Each leapfrog step is one gradient of the full-data log density through Pyro,
-# a few milliseconds here, so one draw costs seconds: the 80 iterations above took four to five
-# minutes on two shared CPU cores, most of this chapter's running time.
-# This is why NUTS is the gold standard for *small* networks and a reference, not a tool, for
-# the others (Izmailov et al. 2021 ran full-batch HMC on hundreds of TPUs).
+# data barely use), so the step size must be small and the path long. Each leapfrog step is one
+# gradient of the full-data log density through Pyro, a few milliseconds here, so one draw
+# costs seconds: the 80 iterations above took three to five minutes on two shared CPU cores
+# (197 to 309 s in our runs), most of this chapter's running time. This is why NUTS is the gold
+# standard for *small* networks, and a reference rather than a tool for larger ones (Izmailov
+# et al. 2021 ran full-batch HMC on hundreds of TPUs).
 #
 # ## 4. Boston housing: the benchmark table
 #
@@ -411,16 +412,17 @@ for method in BOSTON_METHODS:
           f"{boston_seconds[method] / BOSTON_SPLITS:14.1f}")
 
 # %% [markdown]
-# In the full run (the first 10 of the 20 splits; each split costs about 20 s for the five
-# methods on two cores, so the whole protocol would not fit this chapter's ten minutes), MAP,
-# Laplace and the ensemble reach RMSE about 3.3 and NLL about 2.67, MC dropout is a little
-# worse in RMSE (3.6) and equal in NLL, and mean-field is the worst on both (RMSE 4.0, NLL
-# 2.84), the same underfitting as on the gap data. Between the first four the differences are
-# within a standard error. For orientation only, since budgets and tuning differ: the papers
-# report RMSE 3.0 and NLL 2.57 for probabilistic backpropagation and 4.3 and 2.90 for the
-# variational method of Graves (2011) (Hernández-Lobato & Adams 2015), 2.97 and 2.46 for MC
-# dropout with a tuned dropout rate and noise (Gal & Ghahramani 2016), and NLL 2.41 for deep
-# ensembles of heteroscedastic networks (Lakshminarayanan et al. 2017). The standard errors
+# In the full run (the first 6 of the 20 splits: a split costs 11 to 19 s for the five methods
+# on two shared cores, and all 20 next to NUTS would not reliably fit this chapter's ten
+# minutes), MAP, Laplace and the ensemble reach RMSE about 3.5 and NLL about 2.75, MC dropout is
+# a little worse in RMSE (3.8) and equal in NLL, and mean-field is the worst on both (RMSE 4.2,
+# NLL 2.88), the same underfitting as on the gap data. Between the first four the differences
+# are within about one standard error; six splits cannot rank them. For orientation only, since
+# budgets and tuning differ: the papers report RMSE 3.0 and NLL 2.57 for probabilistic
+# backpropagation and 4.3 and 2.90 for the variational method of Graves (2011)
+# (Hernández-Lobato & Adams 2015), 2.97 and 2.46 for MC dropout with a tuned dropout rate and
+# noise (Gal & Ghahramani 2016), and NLL 2.41 for deep ensembles of heteroscedastic networks
+# (Lakshminarayanan et al. 2017). The standard errors
 # understate the real uncertainty of such comparisons: the 20 training sets overlap, so the
 # splits are not independent.
 
