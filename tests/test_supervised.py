@@ -238,11 +238,15 @@ def _with(batch, **changes):
     return {**batch, **changes}
 
 
-def test_good_batches_pass():
-    check_supervised_batch(_classification_batch(), "classification", (1, 8, 8), 8)
-    check_supervised_batch(_regression_batch(), "regression", (13,))
-    float64_targets = _with(_regression_batch(), y=torch.randn(4, dtype=torch.float64))
-    check_supervised_batch(float64_targets, "regression", (13,))
+@pytest.mark.parametrize("batch, task, x_shape, num_classes", [
+    (_classification_batch(), "classification", (1, 8, 8), 8),
+    (_regression_batch(), "regression", (13,), None),
+    (_with(_regression_batch(), y=torch.randn(4, dtype=torch.float64)), "regression", (13,), None),
+])
+def test_good_batches_pass_and_are_left_unchanged(batch, task, x_shape, num_classes):
+    before = {key: value.clone() for key, value in batch.items()}
+    assert check_supervised_batch(batch, task, x_shape, num_classes) is None
+    assert all(torch.equal(batch[key], before[key]) for key in before)
 
 
 CLASSIFICATION_BAD = [
