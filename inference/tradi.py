@@ -11,11 +11,12 @@ tracked optimizer step and ``g_k = w_{k-1} - w_k`` the descent the optimizer *ac
 whatever it was (plain SGD, momentum, Adam, weight decay, clipping). ``g_k`` plays the part of
 the seed's ``η ∇f``, which it equals for plain SGD only: the tracker never assumes it.
 
-Running moments of the descent (``β = moment_decay``), bias-corrected as in Adam so that the
-first tracked step has weight one and early estimates are not pulled toward zero::
+Running mean of the descent (``β = moment_decay``), bias-corrected as in Adam so that the
+first tracked step has weight one and early estimates are not pulled toward zero. It is kept
+already debiased, which makes it one pass per step (``b_k = 1 - β^k``)::
 
-    m_k = β m_{k-1} + (1 - β) g_k             E[g]_k  = m_k / (1 - β^k)
-    s_k = β s_{k-1} + (1 - β) g_k²            E[g²]_k = s_k / (1 - β^k)
+    d_k = g_k - E[g]_{k-1}                     (the step's deviation from the mean so far)
+    E[g]_k = E[g]_{k-1} + ((1 - β) / b_k) d_k  (= the Adam-style debiased moving average of g)
 
 Mean: a Kalman filter whose state ``μ`` is the centre of the weight's distribution, predicted
 with the mean descent (the seed's ``μ_{k+1} = μ_k - E[η ∇f]``) and observed through the weight
@@ -26,13 +27,21 @@ with measurement noise ``R``; ``Q`` is the process noise, ``P`` the filter's err
     μ_k  = μ⁻_k + K_k (w_k - μ⁻_k)            P_k  = (1 - K_k) P⁻_k
 
 Variance: the seed's ``σ²_{k+1} = σ²_k + η² E[(∇f)²] - η² E²[∇f]`` with ``η ∇f`` replaced by
-the actual descent, and a fading factor ``γ = variance_decay``::
+the actual descent, a fading factor ``γ = variance_decay``, and the step's variance ``E[g²] -
+E[g]²`` estimated from the step itself::
 
-    σ²_k = γ σ²_{k-1} + E[g²]_k - E[g]_k²
+    σ²_k = γ σ²_{k-1} + c_k d_k²
+
+``d_k`` deviates from a mean of earlier steps, so ``E[d_k²] = Var[g] (1 + Σ_j a_j²)`` for
+uncorrelated steps, where ``a_j`` are the weights of that mean; ``c_k = 1 / (1 + Σ_j a_j²)`` makes
+the increment unbiased for Var[g]: ``c_1 = 0`` (one step says nothing of a variance), ``c_2 = 1/2``
+(two steps: ``(g_2 - g_1)² / 2``), and ``c_k -> (1 + β) / 2`` later on. One sample per step is
+enough because σ² sums hundreds of increments anyway; it saves the running ``E[g²]`` that the
+seed's form needs (one number per weight, a fifth of the tracker's memory) and two passes.
 
 Start, at the first tracked step (after ``burn_in_steps``, or when first resumed): ``μ_0 = w_0``
 (the weight just before that step), ``P_0 = 0`` (the start is known exactly), ``σ²_0 = σ²_init``
-(``initial_variance``, e.g. the initialisation's variance), ``m_0 = s_0 = 0``.
+(``initial_variance``, e.g. the initialisation's variance), ``E[g]_0 = 0``.
 
 Where the seed leaves a choice open, this module chose:
 
@@ -46,7 +55,7 @@ Where the seed leaves a choice open, this module chose:
    term of the exact propagation ``Var[w_k] = Var[w_{k-1}] + Var[g_k] - 2 Cov[w_{k-1}, g_k]``,
    which is positive wherever the loss pulls the weight back, so in a stationary phase σ² grows
    like ``k Var[g]`` without limit. With ``γ < 1`` it converges to ``σ²_∞ = Var_∞[g] / (1 - γ)``
-   (less the small power of E[g] itself; see tests/test_tradi.py). For a linear pull-back
+   (up to the small correlation of a step with the steps before it; see tests/test_tradi.py). For a linear pull-back
    ``g = λ (w - w*) + noise`` (SGD on a quadratic of curvature a: ``λ = η a``) the iterates have
    ``Var[g] = 2 λ Var_∞[w]``, so ``γ = 1 - 2λ`` makes σ² the stationary variance of the iterates.
 4. *P is one number.* With constant Q and R, P_k depends on k only, not on the data, and every
@@ -59,9 +68,9 @@ Where the seed leaves a choice open, this module chose:
 Only the ratio Q/R shapes μ (it sets the steady-state gain); P scales with R. The defaults give
 ``Q/R = 1e-2``, a steady-state gain of about 0.1: μ averages the trajectory over ~10 steps.
 
-Extra state, per tracked weight, in the weight's dtype: μ, σ², m, s and the weight before the
-step (5 numbers; ``memory_bytes`` counts them exactly). A guide keeps only μ and σ² (2 numbers)
-after training. Every step costs about ten elementwise passes over the weights, done with
+Extra state, per tracked weight, in the weight's dtype: μ, σ², E[g] and the weight before the
+step (4 numbers; ``memory_bytes`` counts them exactly). A guide keeps only μ and σ² (2 numbers)
+after training. Every step costs eight elementwise passes over the weights, done with
 torch's multi-tensor (``_foreach``) kernels, as torch.optim does, so that small networks do not
 pay a Python loop per tensor.
 
@@ -165,9 +174,8 @@ class _TrajectoryTracker:
         for name, param in self._params.items():
             w = param.detach()
             self._state[name] = {
-                "w_old": w.clone(),  # the weight before the step, then the descent g in place
-                "descent_mean": torch.zeros_like(w),
-                "descent_sq_mean": torch.zeros_like(w),
+                "w_old": w.clone(),  # the weight before the step, then the deviation d in place
+                "descent_mean": torch.zeros_like(w),  # E[g], already debiased
                 **self._new_state(w),
             }
         keys = next(iter(self._state.values())).keys()
@@ -180,7 +188,8 @@ class _TrajectoryTracker:
     def _start(self, ws: list[Tensor]) -> None:
         raise NotImplementedError
 
-    def _update(self, ws: list[Tensor], debias: float) -> None:
+    def _update(self, ws: list[Tensor], deviations: list[Tensor]) -> None:
+        """One filter step; ``deviations`` are the d_k (module docstring), E[g] is already updated."""
         raise NotImplementedError
 
     def _config(self) -> dict[str, float]:
@@ -205,7 +214,6 @@ class _TrajectoryTracker:
         torch._foreach_copy_(self._lists["w_old"], ws)
         if self._tracked_steps == 0:  # the first tracked step: start from the weights as they are now
             torch._foreach_zero_(self._lists["descent_mean"])
-            torch._foreach_zero_(self._lists["descent_sq_mean"])
             self._start(ws)
 
     @torch.no_grad()
@@ -218,13 +226,26 @@ class _TrajectoryTracker:
         if not tracked:
             return
         self._tracked_steps += 1
-        beta, ws = self.moment_decay, self._weights()
-        descent = self._lists["w_old"]
-        torch._foreach_sub_(descent, ws)  # w_old - w_new, in place: the buffer is refilled next step
-        torch._foreach_lerp_(self._lists["descent_mean"], descent, 1.0 - beta)
-        torch._foreach_mul_(self._lists["descent_sq_mean"], beta)
-        torch._foreach_addcmul_(self._lists["descent_sq_mean"], descent, descent, value=1.0 - beta)
-        self._update(ws, 1.0 - beta**self._tracked_steps)
+        ws, mean = self._weights(), self._lists["descent_mean"]
+        deviation = self._lists["w_old"]  # computed in place: the buffer is refilled next step
+        torch._foreach_sub_(deviation, ws)  # g = w_old - w_new
+        torch._foreach_sub_(deviation, mean)  # d = g - E[g]_{k-1}
+        torch._foreach_add_(mean, deviation, alpha=self._mean_rate())  # E[g]_k
+        self._update(ws, deviation)
+
+    def _mean_rate(self) -> float:
+        """(1 - β) / (1 - β^k): the debiased moving average's weight on the newest step."""
+        beta = self.moment_decay
+        return (1.0 - beta) / (1.0 - beta**self._tracked_steps)
+
+    def _variance_weight(self) -> float:
+        """c_k = 1 / (1 + Σ_j a_j²), with a_j the weights E[g]_{k-1} gives its k - 1 steps, so that
+        c_k d_k² is unbiased for Var[g] (module docstring); 0 at the first step."""
+        n, beta = self._tracked_steps - 1, self.moment_decay
+        if n == 0:
+            return 0.0
+        squared_weights = (1.0 - beta) * (1.0 + beta**n) / ((1.0 + beta) * (1.0 - beta**n))
+        return 1.0 / (1.0 + squared_weights)
 
     def attach(self, optimizer: torch.optim.Optimizer) -> TrackerHandle:
         """Run the tracker around every ``optimizer.step()``; ``handle.remove()`` detaches it."""
@@ -328,7 +349,7 @@ class WeightTracker(_TrajectoryTracker):
             ``net.named_parameters()``; the tensors the optimizer updates in place.
         process_noise: Q, variance added to P at every prediction.
         measurement_noise: R, variance of the weight around the tracked centre μ.
-        moment_decay: β, rate of the running moments E[g] and E[g²] (memory ~ 1 / (1 - β) steps).
+        moment_decay: β, rate of the running mean E[g] of the steps (memory ~ 1 / (1 - β) steps).
         variance_decay: γ, fading factor of σ²; 1 is the seed's recursion literally (σ² never
             stops growing); below 1, σ² converges to Var[g] / (1 - γ). See the module docstring.
         initial_variance: σ²_init, σ² at the first tracked step.
@@ -373,19 +394,19 @@ class WeightTracker(_TrajectoryTracker):
             sigma2.fill_(self.initial_variance)
         self._error_variance = 0.0
 
-    def _update(self, ws: list[Tensor], debias: float) -> None:
-        mean, sq_mean = self._lists["descent_mean"], self._lists["descent_sq_mean"]
-        # σ² <- γ σ² + E[g²] - E[g]², with E[g] = m / debias and E[g²] = s / debias
+    def _update(self, ws: list[Tensor], deviations: list[Tensor]) -> None:
+        # σ² <- γ σ² + c_k d²
         sigma2 = self._lists["sigma2"]
         if self.variance_decay != 1.0:
             torch._foreach_mul_(sigma2, self.variance_decay)
-        torch._foreach_add_(sigma2, sq_mean, alpha=1.0 / debias)
-        torch._foreach_addcmul_(sigma2, mean, mean, value=-1.0 / debias**2)
+        weight = self._variance_weight()
+        if weight > 0.0:
+            torch._foreach_addcmul_(sigma2, deviations, deviations, value=weight)
         # Kalman step for μ; P and K are the same for every weight
         p_pred = self._error_variance + self.process_noise
         gain = p_pred / (p_pred + self.measurement_noise)
         self._error_variance = (1.0 - gain) * p_pred
-        torch._foreach_sub_(self._lists["mu"], mean, alpha=1.0 / debias)  # predict: μ⁻ = μ - E[g]
+        torch._foreach_sub_(self._lists["mu"], self._lists["descent_mean"])  # predict: μ⁻ = μ - E[g]
         torch._foreach_lerp_(self._lists["mu"], ws, gain)  # correct: μ⁻ + K (w - μ⁻)
 
     def _scalars(self) -> dict[str, Tensor]:
@@ -399,12 +420,8 @@ class WeightTracker(_TrajectoryTracker):
         return self._state[name]["mu"].clone()
 
     def variance(self, name: str) -> Tensor:
-        """Tracked variance σ² of ``name`` (a copy): the guide's per-weight variance.
-
-        E[g²] - E[g]² is a variance, but computed as a difference it can come out a rounding
-        error below zero; the clamp keeps σ² a valid variance where the true increment is 0.
-        """
-        return self._state[name]["sigma2"].clamp_min(0.0)
+        """Tracked variance σ² of ``name`` (a copy): the guide's per-weight variance."""
+        return self._state[name]["sigma2"].clone()
 
     def error_variance(self, name: str) -> Tensor:
         """The Kalman filter's error variance P of μ, broadcast to the shape of ``name``."""
@@ -424,7 +441,7 @@ class ParticleTracker(_TrajectoryTracker):
     Same state-space model as ``WeightTracker``'s mean: particles move by ``-E[g]`` plus N(0, Q)
     noise, are reweighted by N(w_k; particle, R) and resampled systematically, per weight,
     wherever the effective sample size ``1 / Σ_i ω_i²`` drops below ``num_particles / 2``.
-    Memory per weight: ``2 * num_particles + 3`` numbers (particles, log-weights, m, s, w_old).
+    Memory per weight: ``2 * num_particles + 2`` numbers (particles, log-weights, E[g], w_old).
 
     Args:
         initial_variance: particles start at ``w + N(0, initial_variance)``.
@@ -487,10 +504,10 @@ class ParticleTracker(_TrajectoryTracker):
             particles.copy_(w + offsets)
             state["log_weights"].fill_(-math.log(self.num_particles))
 
-    def _update(self, ws: list[Tensor], debias: float) -> None:
+    def _update(self, ws: list[Tensor], deviations: list[Tensor]) -> None:
         for w, state in zip(ws, self._state.values(), strict=True):
             particles, log_weights = state["particles"], state["log_weights"]
-            particles.sub_(state["descent_mean"], alpha=1.0 / debias)  # move by -E[g] ...
+            particles.sub_(state["descent_mean"])  # move by -E[g] ...
             if self.process_noise > 0:  # ... plus process noise
                 particles.add_(self._randn(particles), alpha=math.sqrt(self.process_noise))
             log_weights.sub_((w - particles).square_().mul_(0.5 / self.measurement_noise))
