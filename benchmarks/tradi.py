@@ -46,12 +46,12 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from guides.map import MAPGuide
+from guides.tradi import TradiGuide
 from inference.bnn import train
 from inference.metrics import memory_bytes
 from inference.predictive import score
 from inference.supervised import load_supervised
-from guides.map import MAPGuide
-from guides.tradi import TradiGuide
 from inference.svi import fit
 from inference.tradi import WeightTracker
 from models.bnn import BayesianNeuralNetwork
@@ -418,14 +418,15 @@ def sweep_markdown(rows: list[dict], cfg: dict) -> list[str]:
     ]
     for r in rows:
         v, t = r["valid"], r["test"]
-        lines.append(f"| {r['horizon']} | {r['sigma_factor']} | {r['median_sigma']:.2g} | {v['nll']:.3f} | "
-                     f"{t['nll']:.3f} | {t['accuracy']:.4f} | {t['ece']:.4f} | {t['ood_auroc_entropy']:.3f} |")
+        lines.append(f"| {r['horizon']} | {r['sigma_factor']} | {r['median_sigma']:.2g} | {v['nll']:.3f} "
+                     f"| {t['nll']:.3f} | {t['accuracy']:.4f} | {t['ece']:.4f} "
+                     f"| {t['ood_auroc_entropy']:.3f} |")
     best = min(rows, key=lambda r: r["valid"]["nll"])
     lines += [
         "",
-        f"One training run (seed 0, {cfg['epochs']} epochs) watched by three trackers whose sigma^2 fade over "
-        "one epoch, five epochs, or not at all (the seed's recursion as written, summed over the tracked "
-        f"run); each tracker's sigma then multiplied by 1-{SIGMA_FACTORS[-1]} before predicting with "
+        f"One training run (seed 0, {cfg['epochs']} epochs) watched by three trackers whose sigma^2 fade "
+        "over one epoch, five epochs, or not at all (the seed's recursion as written, summed over the "
+        f"tracked run); each tracker's sigma then multiplied by 1-{SIGMA_FACTORS[-1]} before predicting with "
         f"{cfg['num_samples']} weight samples. Lowest validation NLL: {best['horizon']}, sigma x "
         f"{best['sigma_factor']} (test NLL {best['test']['nll']:.3f}, OOD AUROC "
         f"{best['test']['ood_auroc_entropy']:.3f}).",

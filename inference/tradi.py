@@ -55,9 +55,10 @@ Where the seed leaves a choice open, this module chose:
    term of the exact propagation ``Var[w_k] = Var[w_{k-1}] + Var[g_k] - 2 Cov[w_{k-1}, g_k]``,
    which is positive wherever the loss pulls the weight back, so in a stationary phase σ² grows
    like ``k Var[g]`` without limit. With ``γ < 1`` it converges to ``σ²_∞ = Var_∞[g] / (1 - γ)``
-   (up to the small correlation of a step with the steps before it; see tests/test_tradi.py). For a linear pull-back
-   ``g = λ (w - w*) + noise`` (SGD on a quadratic of curvature a: ``λ = η a``) the iterates have
-   ``Var[g] = 2 λ Var_∞[w]``, so ``γ = 1 - 2λ`` makes σ² the stationary variance of the iterates.
+   (up to the small correlation of a step with the steps before it; see tests/test_tradi.py).
+   For a linear pull-back ``g = λ (w - w*) + noise`` (SGD on a quadratic of curvature a:
+   ``λ = η a``) the iterates have ``Var[g] = 2 λ Var_∞[w]``, so ``γ = 1 - 2λ`` makes σ² the
+   stationary variance of the iterates.
 4. *P is one number.* With constant Q and R, P_k depends on k only, not on the data, and every
    weight starts at the same step, so one P (and one gain K) serves all weights.
    ``error_variance(name)`` returns it broadcast to the tensor's shape.
