@@ -53,8 +53,9 @@ def train(model, method: str, train: dict, valid: dict | None = None, *, options
     lr / friction) worked on the gap and Boston sets; larger steps diverge.
 
     ``options``: method settings (``init_scale``, ``dropout``, ``members``, ``laplace_structure``,
-    ``burn_in_epochs``, ``thin``, ``nuts_samples``, ``nuts_warmup``, ``nuts_chains``, ``tradi``
-    tracker settings). ``fit_options`` go to ``inference.svi.fit`` (epochs, lr, batch_size, ...).
+    ``burn_in_epochs``, ``thin``, ``nuts_samples``, ``nuts_warmup``, ``nuts_chains``,
+    ``nuts_max_tree_depth``, ``nuts_jit``, ``nuts_init`` ("prior" or "map"), ``tradi`` tracker
+    settings). ``fit_options`` go to ``inference.svi.fit`` (epochs, lr, batch_size, ...).
     """
     if method not in METHODS:
         raise ValueError(f"unknown BNN method {method!r}; choose from {', '.join(METHODS)}")
@@ -91,6 +92,10 @@ def _svi_guide(model, method: str, options: dict):
 def _sgmcmc(model, method: str, train: dict, valid, options: dict, fit_options: dict):
     """Run SGLD / SGHMC on the MAP guide's weights and keep thinned samples after burn-in.
 
+    Only the weight sites are sampled. Parameters of the model itself (a ``noise="learned"``
+    scale) have no prior; they follow the same sampler at temperature 0, i.e. gradient descent on
+    the potential, and end as point estimates like in MAP.
+
     The loss ``fit`` differentiates is a minibatch's share of U(w) = -log p(w, y | x) (see
     ``scale_global_sites``), so the sampler's ``grad_scale`` is N / batch size.
     """
@@ -103,7 +108,13 @@ def _sgmcmc(model, method: str, train: dict, valid, options: dict, fit_options: 
     sampler = SGLD if method == "sgld" else partial(SGHMC, friction=options.get("friction", 0.05))
 
     def optimizer(params, lr):
-        opt = sampler(params, lr=lr, grad_scale=num_train / batch_size)
+        sampled = {id(p) for p in guide.named_weights().values()}
+        params = list(params)
+        groups = [{"params": [p for p in params if id(p) in sampled]}]
+        point_estimates = [p for p in params if id(p) not in sampled]
+        if point_estimates:  # e.g. a learned noise scale: it has no prior, so it is optimized (T = 0)
+            groups.append({"params": point_estimates, "temperature": 0.0})
+        opt = sampler(groups, lr=lr, grad_scale=num_train / batch_size)
         step = iter(range(1, 1 << 62))
         opt.register_step_post_hook(lambda *_: recorder.offer(next(step), guide.point()))
         return opt
@@ -144,10 +155,19 @@ def _tradi(model, train: dict, valid, options: dict, fit_options: dict):
 
 
 def _nuts(model, train: dict, options: dict, fit_options: dict) -> WeightSamples:
+    """NUTS chains; with ``nuts_init="map"`` they start from a MAP fit (``fit_options`` train it)."""
+    init_values = None
+    if options.get("nuts_init", "prior") == "map":
+        start = MAPGuide(model)
+        fit(model, start, train, None, **fit_options)
+        init_values = start.point()
+    elif options.get("nuts_init", "prior") != "prior":
+        raise ValueError(f"nuts_init must be 'prior' or 'map', got {options['nuts_init']!r}")
     draws = run_nuts(model, train, num_samples=options.get("nuts_samples", 500),
                      warmup=options.get("nuts_warmup", 500), num_chains=options.get("nuts_chains", 2),
                      max_tree_depth=options.get("nuts_max_tree_depth", 10),
-                     seed=fit_options.get("seed", 0), progress=fit_options.get("progress", True))
+                     seed=fit_options.get("seed", 0), progress=fit_options.get("progress", True),
+                     jit_compile=options.get("nuts_jit", False), init_values=init_values)
     guide = WeightSamples(model, pooled(draws))
     guide.chains = draws  # per chain, for ArviZ's R-hat and ESS
     return guide

@@ -70,9 +70,9 @@ S = 10 if SMOKE_TEST else 50               # predictive weight samples (MAP: 1, 
 #
 # Write $w_k$ for a weight after the $k$-th optimizer step and $g_k = w_{k-1} - w_k$ for the
 # step the optimizer *actually* took (for plain SGD $g_k = \eta \nabla f$; for Adam it is
-# whatever Adam did). The tracker (`inference/tradi.py`) keeps running averages of the step and
-# of its square, $E[g]$ and $E[g^2]$ (exponential moving averages with rate $1 - \beta$,
-# bias-corrected as in Adam), and runs two recursions after every step.
+# whatever Adam did). The tracker (`inference/tradi.py`) keeps a running average of the step,
+# $E[g]$ (an exponential moving average with rate $1 - \beta$, bias-corrected as in Adam), and
+# runs two recursions after every step.
 #
 # **The mean** is a Kalman filter whose hidden state is the centre $\mu$ of the weight's
 # distribution, which moves by the *mean* step, observed through the noisy weight itself:
@@ -91,7 +91,12 @@ S = 10 if SMOKE_TEST else 50               # predictive weight samples (MAP: 1, 
 # E^2[\nabla f]$ with the actual step in place of $\eta \nabla f$, and a **fading factor**
 # $\gamma$:
 #
-# $$\sigma^2_k = \gamma\, \sigma^2_{k-1} + E[g^2]_k - E[g]_k^2 .$$
+# $$\sigma^2_k = \gamma\, \sigma^2_{k-1} + c_k\,(g_k - E[g]_{k-1})^2 .$$
+#
+# The last term estimates the step's variance $E[g^2] - E[g]^2$ from the step itself: its
+# deviation from the mean of the steps before it, weighted by $c_k \approx (1 + \beta)/2$ so
+# that it is unbiased. One sample per step suffices because $\sigma^2$ sums hundreds of them, and
+# it spares the tracker a running $E[g^2]$ (one number per weight).
 #
 # The fading factor is not decoration. With $\gamma = 1$ (the recursion as the paper writes it)
 # $\sigma^2$ adds the variance of every step forever, so once training has settled it grows
