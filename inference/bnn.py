@@ -53,6 +53,7 @@ def train(model, method: str, train: dict, valid: dict | None = None, *, options
     lr / friction) worked on the gap and Boston sets; larger steps diverge.
 
     ``options``: method settings (``init_scale``, ``dropout``, ``members``, ``laplace_structure``,
+    ``laplace_predictive`` ("glm" or "sampled"),
     ``burn_in_epochs``, ``thin``, ``nuts_samples``, ``nuts_warmup``, ``nuts_chains``,
     ``nuts_max_tree_depth``, ``nuts_jit``, ``nuts_init`` ("prior" or "map"), ``tradi`` tracker
     settings). ``fit_options`` go to ``inference.svi.fit`` (epochs, lr, batch_size, ...).
@@ -75,7 +76,8 @@ def train(model, method: str, train: dict, valid: dict | None = None, *, options
     with handler():
         result = fit(model, guide, train, valid, **fit_options)
     if method == "laplace":
-        guide = LaplaceGuide(model, guide, train, structure=options.get("laplace_structure", "last-layer"))
+        guide = LaplaceGuide(model, guide, train, structure=options.get("laplace_structure", "last-layer"),
+                             predictive=options.get("laplace_predictive", "glm"))
     return guide, result
 
 

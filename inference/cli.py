@@ -139,6 +139,8 @@ def _add_model_options(command) -> None:
     bnn.add_argument("--members", type=_positive_int, default=5, help="ensemble size")
     bnn.add_argument("--dropout", type=float, default=0.1, help="MC dropout probability")
     bnn.add_argument("--laplace-structure", choices=("diag", "last-layer", "full"), default="last-layer")
+    bnn.add_argument("--laplace-predictive", choices=("glm", "sampled"), default="glm",
+                     help="predict with the network linearized at the MAP (glm) or with sampled weights")
     bnn.add_argument("--nuts-samples", type=_positive_int, default=500, help="NUTS draws per chain")
     bnn.add_argument("--nuts-warmup", type=_positive_int, default=500, help="NUTS warm-up steps per chain")
     bnn.add_argument("--nuts-max-tree-depth", type=_positive_int, default=10,
@@ -245,7 +247,8 @@ def _bnn_options(args) -> dict:
                          "is categorical); --dropout must be in [0, 1)")
     options = {"hidden": list(args.hidden or (50,)), "likelihood": args.likelihood, "prior": args.prior,
                "noise": _noise(args.noise), "members": args.members, "dropout": args.dropout,
-               "laplace_structure": args.laplace_structure, "nuts_samples": args.nuts_samples,
+               "laplace_structure": args.laplace_structure, "laplace_predictive": args.laplace_predictive,
+               "nuts_samples": args.nuts_samples,
                "nuts_warmup": args.nuts_warmup, "nuts_max_tree_depth": args.nuts_max_tree_depth,
                "nuts_init": args.nuts_init, "nuts_jit": args.nuts_jit, "tradi_rank": args.tradi_rank}
     return {k: v for k, v in options.items() if v is not None}

@@ -4,11 +4,14 @@
 given posterior samples, e.g. from NUTS) and returns what the likelihood needs for every one of
 them: ``mean`` and ``variance`` (S, N) for regression, ``probs`` (S, N, C) for classification.
 It is ``pyro.infer.Predictive(parallel=True)`` evaluated in chunks of inputs, so large test
-sets fit in memory. ``score`` turns those into the metrics of ``inference/metrics.py``.
+sets fit in memory. A guide with ``linearized`` set (the Laplace guide's GLM predictive) gives
+the network outputs itself (``guide.linearized_outputs``); the model's likelihood head turns
+them into the same sites. ``score`` turns those into the metrics of ``inference/metrics.py``.
 """
 
 from __future__ import annotations
 
+import pyro
 import torch
 from pyro.infer import Predictive
 
@@ -36,8 +39,12 @@ def predictive(model, guide=None, x: torch.Tensor | None = None, num_samples: in
     was_training = model.training
     model.eval()
     try:
-        sampler = Predictive(model, guide=guide, posterior_samples=posterior_samples,
-                             num_samples=num_samples, parallel=True, return_sites=list(sites))
+        if getattr(guide, "linearized", False) and posterior_samples is None:
+            def sampler(inputs):
+                return _likelihood_parameters(model, guide.linearized_outputs(model, inputs, num_samples))
+        else:
+            sampler = Predictive(model, guide=guide, posterior_samples=posterior_samples,
+                                 num_samples=num_samples, parallel=True, return_sites=list(sites))
         chunks = [sampler(x[start:start + chunk_size]) for start in range(0, len(x), chunk_size)]
     finally:
         model.train(was_training)
@@ -45,6 +52,14 @@ def predictive(model, guide=None, x: torch.Tensor | None = None, num_samples: in
     if model.likelihood == "bernoulli" and model.output_dim == 1:  # two classes, for the metrics
         out["probs"] = torch.stack([1 - out["probs"], out["probs"]], dim=-1)
     return out
+
+
+def _likelihood_parameters(model, f: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The model's deterministic likelihood sites for network outputs ``f`` (S, N, out)."""
+    noise = model.noise_sd() if model.likelihood == "gaussian" else None
+    with pyro.poutine.trace() as tape, pyro.plate("data", f.shape[-2]):
+        model._observe(f, None, noise)
+    return {site: tape.trace.nodes[site]["value"] for site in _sites(model)}
 
 
 def score(model, guide, dataset, split: str = "test", num_samples: int = 100,
