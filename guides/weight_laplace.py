@@ -59,7 +59,8 @@ class LaplaceGuide(PyroModule):
         if structure not in STRUCTURES:
             raise ValueError(f"unknown Laplace structure {structure!r}; choose from {', '.join(STRUCTURES)}")
         if predictive not in PREDICTIVES:
-            raise ValueError(f"unknown Laplace predictive {predictive!r}; choose from {', '.join(PREDICTIVES)}")
+            raise ValueError(f"unknown Laplace predictive {predictive!r}; choose from "
+                             f"{', '.join(PREDICTIVES)}")
         self.linearized = predictive == "glm"
         if model.likelihood == "heteroscedastic":
             raise ValueError("the Laplace guide supports gaussian, categorical and bernoulli likelihoods")
