@@ -27,11 +27,13 @@ class MAPGuide(PyroModule):
 
     def point(self) -> dict[str, torch.Tensor]:
         """The point estimate of every site, in its own support."""
-        return {s.name: self.transforms[s.name](self.loc[s.key]) for s in self.sites}
+        loc = self.loc  # one attribute read: PyroModule issues a pyro.module statement for each
+        return {s.name: self.transforms[s.name](loc[s.key]) for s in self.sites}
 
     def named_weights(self) -> dict[str, nn.Parameter]:
         """The unconstrained parameters, one per site (what SGLD, Laplace and TRADI work on)."""
-        return {s.name: self.loc[s.key] for s in self.sites}
+        loc = self.loc
+        return {s.name: loc[s.key] for s in self.sites}
 
     def forward(self, *args, **kwargs) -> dict[str, torch.Tensor]:
         point = self.point()

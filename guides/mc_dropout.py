@@ -32,12 +32,12 @@ class MCDropoutGuide(MAPGuide):
         weights = [s.name for s in self.sites if s.name.endswith(".weight")]
         self.dropped = set(weights[1:])
 
-    def _mask(self, site, batch) -> torch.Tensor:
+    def _mask(self, site, batch, device) -> torch.Tensor:
         """Bernoulli(1 - p) / (1 - p) over input columns: dim 1 of (out, in, *kernel)."""
         sample_shape = (batch[0],) + (1,) * (-batch[1] - 1) if batch else ()
         columns = site.shape[1]
         keep = torch.full(sample_shape + (1, columns) + (1,) * (len(site.shape) - 2), 1.0 - self.p,
-                          device=self.loc[site.key].device)
+                          device=device)
         return torch.bernoulli(keep) / (1.0 - self.p)
 
     def forward(self, *args, **kwargs) -> dict[str, torch.Tensor]:
@@ -46,6 +46,6 @@ class MCDropoutGuide(MAPGuide):
         for site in self.sites:
             value = point[site.name]
             if site.name in self.dropped and self.p > 0:
-                value = value * self._mask(site, batch)
+                value = value * self._mask(site, batch, value.device)
             values[site.name] = pyro.sample(site.name, dist.Delta(value, event_dim=site.event_dim))
         return values

@@ -47,9 +47,11 @@ class MeanFieldGuide(PyroModule):
         return self.loc[key], F.softplus(self.rho[key])
 
     def forward(self, *args, **kwargs) -> dict[str, torch.Tensor]:
+        # Each read of ``self.loc`` is a pyro.module statement over all its parameters: read once.
+        locs, rhos = self.loc, self.rho
         values = {}
         for site in self.sites:
-            loc, scale = self.posterior(site.name)
+            loc, scale = locs[site.key], F.softplus(rhos[site.key])
             q = dist.Normal(loc, scale).to_event(site.event_dim)
             if not site.is_real:
                 q = dist.TransformedDistribution(q, self.transforms[site.name])
