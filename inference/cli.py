@@ -241,6 +241,10 @@ def _noise(text: str):
     return value
 
 
+# SVI from start to end (Laplace: its MAP phase), so fit's checkpoint is everything a run needs.
+RESUMABLE_BNN_GUIDES = ("map", "meanfield", "lrt", "flipout", "mcdropout", "ensemble", "laplace")
+
+
 def _bnn_options(args) -> dict:
     if args.likelihood == "bernoulli" or not 0 <= args.dropout < 1:
         raise UsageError("bnn likelihoods: gaussian or heteroscedastic (regression; classification "
@@ -256,8 +260,10 @@ def _bnn_options(args) -> dict:
 
 def _fit_bnn(args, run_dir: Path) -> int:
     """Train a Bayesian MLP with the chosen method and score it on the test split."""
-    if args.resume:
-        raise UsageError("--resume is not supported for bnn runs yet; start a new run")
+    if args.resume and args.guide not in RESUMABLE_BNN_GUIDES:
+        raise UsageError("--resume works for the bnn guides trained by SVI "
+                         f"({', '.join(RESUMABLE_BNN_GUIDES)}); the checkpoint of a {args.guide} run "
+                         "does not hold its sampler's draws or tracker, so start a new run")
     options = _bnn_options(args)
     if args.guide == "nuts" and options["noise"] == "learned":
         options["noise"] = "prior"  # NUTS samples sites only: the noise gets a prior
@@ -272,7 +278,7 @@ def _fit_bnn(args, run_dir: Path) -> int:
     torch.manual_seed(args.seed)
     started = time.perf_counter()
     model, guide, result = registry.train_bnn(dataset, args.guide, options, **fit_options,
-                                              device=args.device, run_dir=run_dir,
+                                              device=args.device, run_dir=run_dir, resume=args.resume,
                                               progress=not args.no_progress)
     seconds = time.perf_counter() - started
     from inference.metrics import memory_bytes

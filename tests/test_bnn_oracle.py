@@ -229,6 +229,33 @@ def test_cli_fits_every_bnn_guide(tmp_path, method):
     assert (tmp_path / "predictive.png").exists()
 
 
+def test_cli_resumes_an_interrupted_bnn_run(tmp_path, capsys):
+    def run(epochs, out, *extra):
+        return cli.main(["fit", "bnn", "--guide", "meanfield", "--data", "gap", "--epochs", str(epochs),
+                         "--batch-size", "40", "--hidden", "8", "--out", str(out), "--no-progress",
+                         "--predictive-samples", "10", *extra])
+
+    assert run(2, tmp_path / "cut") == 0
+    first = json.loads((tmp_path / "cut" / "metrics.json").read_text())["history"]
+    assert run(4, tmp_path / "cut") == cli.EXIT_USAGE  # an existing run is not overwritten silently
+    assert "--resume" in capsys.readouterr().err
+    assert run(4, tmp_path / "cut", "--resume") == 0
+    resumed = json.loads((tmp_path / "cut" / "metrics.json").read_text())["history"]
+    assert run(4, tmp_path / "whole") == 0
+    whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())["history"]
+    assert [row["epoch"] for row in resumed] == [1, 2, 3, 4]
+    assert [row["train_elbo"] for row in resumed[:2]] == [row["train_elbo"] for row in first]
+    # the checkpoint carries the optimizer and both random streams: the resumed run is the whole run
+    assert [row["train_elbo"] for row in resumed] == pytest.approx([row["train_elbo"] for row in whole],
+                                                                   rel=1e-5)
+
+
+def test_cli_refuses_to_resume_a_sampler_run(tmp_path, capsys):
+    argv = ["fit", "bnn", "--guide", "sgld", "--data", "gap", "--out", str(tmp_path), "--resume"]
+    assert cli.main(argv) == cli.EXIT_USAGE
+    assert "does not hold its sampler's draws" in capsys.readouterr().err
+
+
 def test_cli_rejects_an_invalid_bnn_pair(capsys):
     assert cli.main(["fit", "bnn", "--guide", "iaf", "--data", "gap"]) == cli.EXIT_USAGE
     assert "valid guides for bnn" in capsys.readouterr().err
