@@ -54,7 +54,7 @@ def train(model, method: str, train: dict, valid: dict | None = None, *, options
 
     ``options``: method settings (``init_scale``, ``dropout``, ``members``, ``laplace_structure``,
     ``laplace_predictive`` ("glm" or "sampled"),
-    ``burn_in_epochs``, ``thin``, ``nuts_samples``, ``nuts_warmup``, ``nuts_chains``,
+    ``burn_in_epochs``, ``thin``, ``chains`` (SGLD/SGHMC), ``nuts_samples``, ``nuts_warmup``, ``nuts_chains``,
     ``nuts_max_tree_depth``, ``nuts_jit``, ``nuts_init`` ("prior" or "map"), ``tradi`` tracker
     settings). ``fit_options`` go to ``inference.svi.fit`` (epochs, lr, batch_size, ...).
     """
@@ -98,10 +98,36 @@ def _sgmcmc(model, method: str, train: dict, valid, options: dict, fit_options: 
     scale) have no prior; they follow the same sampler at temperature 0, i.e. gradient descent on
     the potential, and end as point estimates like in MAP.
 
-    The loss ``fit`` differentiates is a minibatch's share of U(w) = -log p(w, y | x) (see
-    ``scale_global_sites``), so the sampler's ``grad_scale`` is N / batch size.
+    ``chains`` (default 1) independent chains run one after the other, each from a fresh draw of
+    PyTorch's initialisation and with its own seed (the model's own parameters restart too); the
+    guide pools their draws and keeps them per chain in ``guide.chains`` for ArviZ's R-hat and
+    ESS, as for NUTS. The FitResult returned is the last chain's.
     """
-    guide = MAPGuide(model)
+    num_chains = options.get("chains", 1)
+    start = {key: value.clone() for key, value in model.state_dict().items()}
+    seed = fit_options.get("seed", 0)
+    chains, result = [], None
+    for chain in range(num_chains):
+        model.load_state_dict(start)
+        guide = MAPGuide(model)
+        if chain > 0:
+            torch.manual_seed(seed + chain)
+            fresh = model.initial_values(fresh=True)
+            with torch.no_grad():
+                for name, weight in guide.named_weights().items():
+                    if name in fresh:
+                        weight.copy_(fresh[name])
+        recorder, result = _sgmcmc_chain(model, guide, method, train, valid, options,
+                                         {**fit_options, "seed": seed + chain})
+        chains.append(recorder.stacked())
+    samples = WeightSamples(model, {name: torch.cat([c[name] for c in chains]) for name in chains[0]})
+    samples.chains = {name: torch.stack([c[name] for c in chains]) for name in chains[0]}
+    return samples, result
+
+
+def _sgmcmc_chain(model, guide: MAPGuide, method: str, train: dict, valid, options: dict,
+                  fit_options: dict):
+    """One chain: the sampler as ``fit``'s optimizer, a recorder on its steps."""
     batch_size = fit_options.get("batch_size", 100)
     num_train = len(train["x"])
     steps_per_epoch = -(-num_train // batch_size)
@@ -124,7 +150,7 @@ def _sgmcmc(model, method: str, train: dict, valid, options: dict, fit_options: 
     result = fit(model, guide, train, valid, optimizer=optimizer, **fit_options)
     if len(recorder) == 0:
         raise ValueError("the sampler kept no samples: train for more epochs than burn_in_epochs")
-    return WeightSamples(model, recorder.stacked()), result
+    return recorder, result
 
 
 def _tradi(model, train: dict, valid, options: dict, fit_options: dict):
