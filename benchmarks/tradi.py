@@ -376,11 +376,12 @@ def markdown(report: dict) -> str:
         f"{verdict(mem['training_ratio'] <= TARGET_MEMORY)} |",
         "",
         "Bytes of tensors (`inference.metrics.memory_bytes`, `WeightTracker.memory_bytes`; Adam's state "
-        "weighed from the optimizer `fit` used). The tracker keeps 4 numbers per weight (mu, sigma^2, the "
-        "running mean descent and the weight before the step); the guide keeps 2. Like for like, the "
-        "posteriors compare as 2 : 5 numbers per weight and the training states as 7 : 15 (weights, two "
+        "weighed from the optimizer `fit` used). The tracker keeps 3 numbers per weight (mu, sigma^2 and "
+        "the running mean descent; during each optimizer step a copy of the weights from before the step "
+        "exists as well, like the optimizer's own temporaries); the guide keeps 2. Like for like, the "
+        "posteriors compare as 2 : 5 numbers per weight and the training states as 6 : 15 (weights, two "
         "Adam moments and the tracker, against five members with their Adam moments); the tracker alone "
-        "is 4 : 5 of the ensemble posterior.",
+        "is 3 : 5 of the ensemble posterior.",
         "",
         f"## OOD detection and calibration on {cfg['dataset']} "
         f"(mean ± standard error over {cfg['seeds']} seeds)",

@@ -69,8 +69,10 @@ Where the seed leaves a choice open, this module chose:
 Only the ratio Q/R shapes μ (it sets the steady-state gain); P scales with R. The defaults give
 ``Q/R = 1e-2``, a steady-state gain of about 0.1: μ averages the trajectory over ~10 steps.
 
-Extra state, per tracked weight, in the weight's dtype: μ, σ², E[g] and the weight before the
-step (4 numbers; ``memory_bytes`` counts them exactly). A guide keeps only μ and σ² (2 numbers)
+Extra state, per tracked weight, in the weight's dtype: μ, σ² and E[g] (3 numbers;
+``memory_bytes`` counts them exactly). While an optimizer step runs, a copy of the weights from
+before the step exists as well (it becomes the deviations d and is released after the filter
+step), like the temporaries of the optimizer itself. A guide keeps only μ and σ² (2 numbers)
 after training. Every step costs eight elementwise passes over the weights, done with
 torch's multi-tensor (``_foreach``) kernels, as torch.optim does, so that small networks do not
 pay a Python loop per tensor.
@@ -170,15 +172,13 @@ class _TrajectoryTracker:
         self._paused = False
         self._pending: bool | None = None  # set by before_step: whether this step is tracked
         self._attached = False
-        # Everything is allocated up front, so memory_bytes() is the footprint from step one.
+        # The state is allocated up front, so memory_bytes() is the footprint from step one.
         self._state: dict[str, dict[str, Tensor]] = {}
         for name, param in self._params.items():
             w = param.detach()
-            self._state[name] = {
-                "w_old": w.clone(),  # the weight before the step, then the deviation d in place
-                "descent_mean": torch.zeros_like(w),  # E[g], already debiased
-                **self._new_state(w),
-            }
+            self._state[name] = {"descent_mean": torch.zeros_like(w), **self._new_state(w)}  # E[g], debiased
+        # The weights before the step, only while a tracked step is under way (then the deviations d).
+        self._before: list[Tensor] | None = None
         keys = next(iter(self._state.values())).keys()
         self._lists = {key: [state[key] for state in self._state.values()] for key in keys}
 
@@ -212,7 +212,7 @@ class _TrajectoryTracker:
         if not self._pending:
             return
         ws = self._weights()
-        torch._foreach_copy_(self._lists["w_old"], ws)
+        self._before = [w.clone() for w in ws]
         if self._tracked_steps == 0:  # the first tracked step: start from the weights as they are now
             torch._foreach_zero_(self._lists["descent_mean"])
             self._start(ws)
@@ -228,7 +228,7 @@ class _TrajectoryTracker:
             return
         self._tracked_steps += 1
         ws, mean = self._weights(), self._lists["descent_mean"]
-        deviation = self._lists["w_old"]  # computed in place: the buffer is refilled next step
+        deviation, self._before = self._before, None  # computed in place, then released
         torch._foreach_sub_(deviation, ws)  # g = w_old - w_new
         torch._foreach_sub_(deviation, mean)  # d = g - E[g]_{k-1}
         torch._foreach_add_(mean, deviation, alpha=self._mean_rate())  # E[g]_k
@@ -305,8 +305,7 @@ class _TrajectoryTracker:
         """(key, tensor) of the per-weight state a checkpoint needs."""
         for name, state in self._state.items():
             for key, t in state.items():
-                if key != "w_old":  # refilled by before_step before it is read: not needed to resume
-                    yield f"{name}/{key}", t
+                yield f"{name}/{key}", t
 
     def _counters(self) -> dict[str, Tensor]:
         return {
@@ -338,7 +337,7 @@ class _TrajectoryTracker:
         self._steps_seen = int(state_dict["tracker/steps_seen"])
         self._tracked_steps = int(state_dict["tracker/tracked_steps"])
         self._paused = bool(state_dict["tracker/paused"])
-        self._pending = None
+        self._pending, self._before = None, None
         self._load_scalars(state_dict)
 
 
@@ -442,7 +441,7 @@ class ParticleTracker(_TrajectoryTracker):
     Same state-space model as ``WeightTracker``'s mean: particles move by ``-E[g]`` plus N(0, Q)
     noise, are reweighted by N(w_k; particle, R) and resampled systematically, per weight,
     wherever the effective sample size ``1 / Σ_i ω_i²`` drops below ``num_particles / 2``.
-    Memory per weight: ``2 * num_particles + 2`` numbers (particles, log-weights, E[g], w_old).
+    Memory per weight: ``2 * num_particles + 1`` numbers (particles, log-weights, E[g]).
 
     Args:
         initial_variance: particles start at ``w + N(0, initial_variance)``.

@@ -303,13 +303,13 @@ def test_memory_bytes_is_the_state_per_weight_exactly(dtype):
     net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).to(dtype)
     n_weights = sum(p.numel() for p in net.parameters())
     size = torch.finfo(dtype).bits // 8
-    # μ, σ², E[g] and w_old per weight (P is one number for the whole tracker)
-    assert WeightTracker(net.named_parameters()).memory_bytes() == 4 * n_weights * size
+    # μ, σ² and E[g] per weight (P is one number for the whole tracker)
+    assert WeightTracker(net.named_parameters()).memory_bytes() == 3 * n_weights * size
     last = dict(net.named_parameters())
     last = {name: last[name] for name in ("2.weight", "2.bias")}
     n_last = sum(p.numel() for p in last.values())
-    # particles and log-weights per particle, plus E[g] and w_old per weight
-    assert ParticleTracker(last, 50).memory_bytes() == (2 * 50 + 2) * n_last * size
+    # particles and log-weights per particle, plus E[g] per weight
+    assert ParticleTracker(last, 50).memory_bytes() == (2 * 50 + 1) * n_last * size
 
 
 def test_misuse_is_a_clear_error():
