@@ -53,10 +53,10 @@ def train(model, method: str, train: dict, valid: dict | None = None, *, options
     lr / friction) worked on the gap and Boston sets; larger steps diverge.
 
     ``options``: method settings (``init_scale``, ``dropout``, ``members``, ``laplace_structure``,
-    ``laplace_predictive`` ("glm" or "sampled"),
-    ``burn_in_epochs``, ``thin``, ``chains`` (SGLD/SGHMC), ``nuts_samples``, ``nuts_warmup``, ``nuts_chains``,
-    ``nuts_max_tree_depth``, ``nuts_jit``, ``nuts_init`` ("prior" or "map"), ``tradi`` tracker
-    settings). ``fit_options`` go to ``inference.svi.fit`` (epochs, lr, batch_size, ...).
+    ``laplace_predictive`` ("glm" or "sampled"), ``burn_in_epochs``, ``thin``, ``chains``
+    (SGLD/SGHMC), ``nuts_samples``, ``nuts_warmup``, ``nuts_chains``, ``nuts_max_tree_depth``,
+    ``nuts_jit``, ``nuts_init`` ("prior" or "map"), ``tradi`` tracker settings). ``fit_options``
+    go to ``inference.svi.fit`` (epochs, lr, batch_size, ...).
     """
     if method not in METHODS:
         raise ValueError(f"unknown BNN method {method!r}; choose from {', '.join(METHODS)}")
@@ -127,7 +127,11 @@ def _sgmcmc(model, method: str, train: dict, valid, options: dict, fit_options: 
 
 def _sgmcmc_chain(model, guide: MAPGuide, method: str, train: dict, valid, options: dict,
                   fit_options: dict):
-    """One chain: the sampler as ``fit``'s optimizer, a recorder on its steps."""
+    """One chain: the sampler as ``fit``'s optimizer, a recorder on its steps.
+
+    The loss ``fit`` differentiates is a minibatch's share of U(w) = -log p(w, y | x) (see
+    ``scale_global_sites``), so the sampler's ``grad_scale`` is N / batch size.
+    """
     batch_size = fit_options.get("batch_size", 100)
     num_train = len(train["x"])
     steps_per_epoch = -(-num_train // batch_size)
