@@ -99,6 +99,8 @@ def _add_training_options(command, out_help: str) -> None:
                        help="grow the KL weight linearly from 0 to 1 over this many epochs")
     group.add_argument("--patience", type=_positive_int, default=None,
                        help="early stopping on the validation ELBO")
+    group.add_argument("--clip-norm", type=float, default=None,
+                       help="rescale every step's gradient to at most this norm")
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--device", default="cpu")
     group.add_argument("--out", type=Path, default=None, help=out_help)
@@ -268,7 +270,8 @@ def _fit_bnn(args, run_dir: Path) -> int:
     if args.guide == "nuts" and options["noise"] == "learned":
         options["noise"] = "prior"  # NUTS samples sites only: the noise gets a prior
     fit_options = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
-                   "lr_decay": args.lr_decay, "patience": args.patience, "seed": args.seed}
+                   "lr_decay": args.lr_decay, "patience": args.patience, "clip_norm": args.clip_norm,
+                   "seed": args.seed}
     dataset = registry.load_data(args.model, args.data, root=args.data_root, download=args.download,
                                  split=args.split)
     config = {"model": args.model, "guide": args.guide, "data": args.data, "split": args.split,
@@ -350,6 +353,7 @@ def _fit(args) -> int:
               "fit": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
                       "lr_decay": args.lr_decay, "num_particles": args.num_particles,
                       "kl_anneal_epochs": args.kl_anneal, "patience": args.patience,
+                      "clip_norm": args.clip_norm,
                       "seed": args.seed}}
     dataset = registry.load_data(args.model, args.data, root=args.data_root, download=args.download,
                                  binarize=config["binarize"])
@@ -384,7 +388,8 @@ def _compare(args) -> int:
     out = args.out or Path("runs") / f"compare-{args.model}-{args.data}-seed{args.seed}"
     fit_options = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
                    "lr_decay": args.lr_decay, "num_particles": args.num_particles,
-                   "kl_anneal_epochs": args.kl_anneal, "patience": args.patience, "seed": args.seed}
+                   "kl_anneal_epochs": args.kl_anneal, "patience": args.patience,
+                   "clip_norm": args.clip_norm, "seed": args.seed}
     if registry.model_entry(args.model).family == registry.BNN:
         from inference.compare import compare_bnn
 

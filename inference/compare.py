@@ -63,7 +63,7 @@ from inference.svi import CHECKPOINT, FINAL_WEIGHTS, NonFiniteLossError, fit, lo
 
 #: Keys of ``fit_options``, passed to ``inference.svi.fit``; unset ones take fit's defaults.
 FIT_OPTIONS = {"epochs": 10, "batch_size": 100, "lr": 1e-3, "lr_decay": 1.0, "num_particles": 1,
-               "kl_anneal_epochs": 0, "kl_anneal_start": 0.0, "patience": None, "seed": 0}
+               "kl_anneal_epochs": 0, "kl_anneal_start": 0.0, "patience": None, "clip_norm": None, "seed": 0}
 #: k-hat above this: q is far from the posterior (Yao et al. 2018).
 KHAT_THRESHOLD = 0.7
 #: (row key, markdown header); the CSV has every row key.

@@ -209,7 +209,7 @@ def fit(model, guide, train: dict, valid: dict | None = None, *,
         optimizer: Callable[..., torch.optim.Optimizer] = torch.optim.Adam,
         lr_decay: float = 1.0, num_particles: int = 1,
         kl_anneal_epochs: int = 0, kl_anneal_start: float = 0.0,
-        patience: int | None = None, seed: int = 0, device: str = "cpu",
+        patience: int | None = None, clip_norm: float | None = None, seed: int = 0, device: str = "cpu",
         run_dir: str | os.PathLike | None = None, resume: bool = False,
         batch_transform: Callable[[dict, torch.Generator], dict] | None = None,
         x_dim: int | None = None, progress: bool = True) -> FitResult:
@@ -226,6 +226,9 @@ def fit(model, guide, train: dict, valid: dict | None = None, *,
             to 1 over this many epochs.
         patience: stop when the validation ELBO has not improved for this many epochs;
             the weights of the best epoch are restored at the end.
+        clip_norm: if given, the gradient of every step is rescaled to at most this total
+            norm (``torch.nn.utils.clip_grad_norm_``), against rare spikes that throw training
+            back by many epochs.
         run_dir: where ``checkpoint.pt`` (every epoch) and ``weights.pt`` (final) go.
         resume: continue from ``run_dir/checkpoint.pt``.
         batch_transform: applied to every training minibatch with the data generator,
@@ -240,6 +243,8 @@ def fit(model, guide, train: dict, valid: dict | None = None, *,
                 raise ValueError(f"{name} data: {error}") from None
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be positive, got {epochs} and {batch_size}")
+    if clip_norm is not None and not clip_norm > 0:
+        raise ValueError(f"clip_norm must be positive, got {clip_norm}")
     run_dir = Path(run_dir) if run_dir is not None else None
     checkpoint_path = run_dir / CHECKPOINT if run_dir is not None else None
     if resume and (checkpoint_path is None or not checkpoint_path.exists()):
@@ -258,7 +263,8 @@ def fit(model, guide, train: dict, valid: dict | None = None, *,
         first = batch_transform(first, torch.Generator().manual_seed(seed))
     nesting = max_plate_nesting(model, guide, _to(first, device))
     elbo = _elbo(num_particles, nesting)
-    opt = optimizer(_parameters(model, guide), lr=lr)
+    params = _parameters(model, guide)
+    opt = optimizer(params, lr=lr)
     schedule = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=lr_decay)
 
     result = FitResult(run_dir=run_dir)
@@ -299,6 +305,8 @@ def fit(model, guide, train: dict, valid: dict | None = None, *,
                     raise NonFiniteLossError(step, epoch, value, kept)
                 opt.zero_grad()
                 loss.backward()
+                if clip_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(params, clip_norm)
                 opt.step()
                 total += value
                 if progress:

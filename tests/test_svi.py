@@ -130,3 +130,21 @@ def test_kl_annealing_scales_only_latent_sites():
     assert scaled.nodes["z"]["scale"] == 0.25 and replayed.nodes["z"]["scale"] == 1.0
     assert scaled.nodes["x"]["scale"] == 1.0
     assert [kl_weight(e, 4) for e in range(6)] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
+
+
+def test_clip_norm_bounds_every_step():
+    data = _data()
+
+    def one_sgd_step(clip_norm):
+        model, guide = _pair()
+        before = torch.cat([p.detach().flatten().clone() for p in [*model.parameters(), *guide.parameters()]])
+        fit(model, guide, data, epochs=1, batch_size=len(data["x"]), lr=1.0, optimizer=torch.optim.SGD,
+            clip_norm=clip_norm, progress=False)
+        after = torch.cat([p.detach().flatten() for p in [*model.parameters(), *guide.parameters()]])
+        return (after - before).norm().item()
+
+    # one plain SGD step of lr 1 moves the parameters by exactly the (clipped) gradient norm
+    assert one_sgd_step(None) > 1.0
+    assert one_sgd_step(0.01) == pytest.approx(0.01, rel=1e-3)
+    with pytest.raises(ValueError, match="clip_norm"):
+        fit(*_pair(), data, clip_norm=0.0, progress=False)
