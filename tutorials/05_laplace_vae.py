@@ -314,8 +314,8 @@ plt.show()
 # In a full run (2,000 training images, 6 epochs, $K = 1000$, one CPU thread) the VLAE was 23-26
 # nats per image above the VAE at every $T$ (standard errors about 0.8), the Householder flow 16
 # ($T=2$) and 19 ($T=8$) nats above it, and the IAF 3 and 9 nats *below* it: the VLAE's order
-# over the VAE and the Householder flow is the paper's, the IAF's is not (it is the slowest to
-# train of the three and six epochs are few). The VLAE's gain came almost all from the first
+# over the VAE and the Householder flow is the paper's, the IAF's is not (at this budget; the
+# paper trained for far longer). The VLAE's gain came almost all from the first
 # step ($T = 1$: +24.7; $T = 8$: +25.7), while an epoch cost 1.5 s at $T = 1$ and 4.6 s at
 # $T = 8$, against 0.3 s for the VAE. Longer training changes the picture: in
 # `benchmarks/latent_guides.py` (30 epochs, all 4,000 images, README) the VLAE still leads on grey
