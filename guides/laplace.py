@@ -17,7 +17,12 @@ with the prior N(m_0, S_0) (diagonal), and for the pixel likelihood
     Bernoulli (logits g(z)):         h = p (1 - p),      r = x - p,   p = sigmoid(g(mu))
 
 For a Gaussian likelihood the step is the probabilistic-PCA posterior mean of the
-linearized model; for a Bernoulli likelihood it is a Newton step. Finally Lambda =
+linearized model; for a Bernoulli likelihood it is a Newton step. A step must raise the exact
+log p(x, z) (with the decoder itself, not its linearization): where the full step does not, it
+is halved up to three times, and if none of those raises it either mu stays. The paper's steps
+are undamped; unguarded, a step that leaves the region where the linearization holds can throw
+mu far off and, in training, the ELBO with it. When every full step is accepted the check costs
+nothing extra: log p(x, mu') comes with the terms the next step needs. Finally Lambda =
 Lambda(mu_T), the negative Hessian of log p(x, z) at mu_T for a piecewise-linear decoder
 (its Gauss-Newton approximation for a smooth one). Gradients flow through every step, so
 encoder and decoder learn through the refinement.
@@ -39,16 +44,32 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import pyro
 import pyro.distributions as dist
 import torch
 from pyro.distributions import constraints
 from torch import nn
+from torch.nn import functional as F
 
 from guides.amortized import AmortizedGuide
 
 JACOBIANS = ("auto", "autograd", "relu")
+
+
+MAX_HALVINGS = 3  # a refinement step tries a = 1, 1/2, 1/4, 1/8 of the Newton step
+
+
+def _where(condition: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """``new`` in the rows where ``condition`` (one flag per point) holds, ``old`` elsewhere."""
+    return torch.where(condition.reshape(condition.shape + (1,) * (new.dim() - condition.dim())), new, old)
+
+
+class NewtonTerms(NamedTuple):
+    precision: torch.Tensor  # Lambda(mu), (N, k, k)
+    gradient: torch.Tensor  # grad_z log p(x, z) at mu, (N, k)
+    log_joint: torch.Tensor  # log p(x, mu) with the decoder itself, (N,)
 
 
 class NotPositiveDefiniteError(ValueError):
@@ -284,39 +305,58 @@ class LaplaceGuide(AmortizedGuide):
             return self.local.jacobian(z, c)
         return autograd_jacobian(self.local.decode, z, c)
 
-    def newton_terms(self, mu, x, c=None, x_mask=None):
-        """(Lambda(mu), grad_z log p(x, z) at mu) under the decoder linearized at mu."""
+    def newton_terms(self, mu, x, c=None, x_mask=None) -> NewtonTerms:
+        """Lambda(mu) and grad_z log p(x, z) at mu under the decoder linearized at mu, and the
+        exact log p(x, mu)."""
         local = self.local
         decoded, jac = self.decoder_jacobian(mu, c)
         prior_loc, prior_scale = local.prior(c, mu)
         if local.likelihood == "gaussian":
             curvature = torch.ones_like(decoded) / local.noise() ** 2
             residual = (x - decoded) * curvature
+            log_likelihood = torch.distributions.Normal(decoded, local.noise()).log_prob(x)
         else:
             p = torch.sigmoid(decoded)
             curvature, residual = p * (1 - p), x - p
+            log_likelihood = -F.binary_cross_entropy_with_logits(decoded, x, reduction="none")
         if x_mask is not None:
             weight = x_mask.to(decoded.dtype)
             curvature, residual = curvature * weight, residual * weight
+            log_likelihood = log_likelihood * weight
         precision = (jac.transpose(-1, -2) * curvature.unsqueeze(-2)) @ jac
         precision = precision + torch.diag_embed(prior_scale.expand_as(mu) ** -2)
         gradient = (jac.transpose(-1, -2) @ residual.unsqueeze(-1)).squeeze(-1)
         gradient = gradient - (mu - prior_loc) / prior_scale**2
-        return precision, gradient
+        log_prior = torch.distributions.Normal(prior_loc, prior_scale).log_prob(mu).sum(-1)
+        return NewtonTerms(precision, gradient, log_likelihood.sum(-1) + log_prior)
 
-    def refine(self, mu, x, c=None, x_mask=None):
-        """One step mu -> mu + Lambda(mu)^-1 grad log p(x, mu)."""
-        precision, gradient = self.newton_terms(mu, x, c, x_mask)
-        factor = cholesky_with_jitter(precision, self.jitter)
-        return mu + torch.cholesky_solve(gradient.unsqueeze(-1), factor).squeeze(-1)
+    def refine(self, mu, x, c=None, x_mask=None, terms: NewtonTerms | None = None):
+        """One guarded step mu -> mu + a Lambda(mu)^-1 grad log p(x, mu): a = 1 where that raises
+        log p(x, z), else the first of 1/2, 1/4, 1/8 that does, else mu stays. Returns mu' and the
+        Newton terms at mu' (``terms``: those at mu, if already known)."""
+        if terms is None:
+            terms = self.newton_terms(mu, x, c, x_mask)
+        factor = cholesky_with_jitter(terms.precision, self.jitter)
+        step = torch.cholesky_solve(terms.gradient.unsqueeze(-1), factor).squeeze(-1)
+        current, pending = (mu, terms), torch.ones_like(terms.log_joint, dtype=torch.bool)
+        for halvings in range(MAX_HALVINGS + 1):
+            proposal = mu + step / 2**halvings
+            proposed = self.newton_terms(proposal, x, c, x_mask)
+            accept = pending & (proposed.log_joint >= terms.log_joint)
+            kept = NewtonTerms(*(_where(accept, n, o) for n, o in zip(proposed, current[1], strict=True)))
+            current = (_where(accept, proposal, current[0]), kept)
+            pending = pending & ~accept
+            if not pending.any():
+                break
+        return current
 
     def site_distributions(self, x, context=None, x_mask=None) -> dict:
         """q(z | x) = N(mu_T, Lambda(mu_T)^-1) for the model's latent site."""
         mu = self.heads[self.site](self.trunk(self.encoder_input(x, context)))
+        terms = self.newton_terms(mu, x, context, x_mask)
         for _ in range(self.steps):
-            mu = self.refine(mu, x, context, x_mask)
-        precision, _ = self.newton_terms(mu, x, context, x_mask)
-        return {self.site: PrecisionNormal(mu, cholesky_with_jitter(precision, self.jitter))}
+            mu, terms = self.refine(mu, x, context, x_mask, terms)
+        return {self.site: PrecisionNormal(mu, cholesky_with_jitter(terms.precision, self.jitter))}
 
     def forward(self, x, c=None, x_mask=None, **unused):
         posteriors = self.site_distributions(x, c, x_mask)
