@@ -58,7 +58,7 @@ def _likelihood_parameters(model, f: torch.Tensor) -> dict[str, torch.Tensor]:
     """The model's deterministic likelihood sites for network outputs ``f`` (S, N, out)."""
     noise = model.noise_sd() if model.likelihood == "gaussian" else None
     with pyro.poutine.trace() as tape, pyro.plate("data", f.shape[-2]):
-        model._observe(f, None, noise)
+        model.observe(f, None, noise)
     return {site: tape.trace.nodes[site]["value"] for site in _sites(model)}
 
 

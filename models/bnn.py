@@ -442,9 +442,11 @@ class BayesianNeuralNetwork(PyroModule):
         f = self.net(x)
         noise = as_global(self.noise_sd(), 0) if self.likelihood == "gaussian" else None
         with pyro.plate("data", x.shape[0]):
-            return self._observe(f, y, noise)
+            return self.observe(f, y, noise)
 
-    def _observe(self, f: torch.Tensor, y: torch.Tensor | None, noise: torch.Tensor | None):
+    def observe(self, f: torch.Tensor, y: torch.Tensor | None, noise: torch.Tensor | None):
+        """The likelihood of ``y`` given the network outputs ``f`` (inside the data plate), with
+        its parameters recorded as deterministic sites; ``y=None`` samples it."""
         if self.likelihood == "categorical":
             pyro.deterministic("probs", f.softmax(-1), event_dim=1)
             return pyro.sample("y", dist.Categorical(logits=f), obs=y)

@@ -105,7 +105,7 @@ plt.show()
 
 # %%
 print(inspect.getsource(BayesianNeuralNetwork.forward))
-print(inspect.getsource(BayesianNeuralNetwork._observe).split("if self.likelihood == \"bernoulli\"")[0])
+print(inspect.getsource(BayesianNeuralNetwork.observe).split("if self.likelihood == \"bernoulli\"")[0])
 
 
 def build(prior_scale):
