@@ -59,11 +59,11 @@ JACOBIANS = ("auto", "autograd", "relu")
 
 
 MAX_HALVINGS = 3  # a refinement step tries a = 1, 1/2, 1/4, 1/8 of the Newton step
+ROUNDING = 1e-4  # relative change of log p(x, z) taken for no change
 
 
-def _where(condition: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-    """``new`` in the rows where ``condition`` (one flag per point) holds, ``old`` elsewhere."""
-    return torch.where(condition.reshape(condition.shape + (1,) * (new.dim() - condition.dim())), new, old)
+def _rows(tensor: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:
+    return None if tensor is None else tensor[rows]
 
 
 class NewtonTerms(NamedTuple):
@@ -333,22 +333,30 @@ class LaplaceGuide(AmortizedGuide):
     def refine(self, mu, x, c=None, x_mask=None, terms: NewtonTerms | None = None):
         """One guarded step mu -> mu + a Lambda(mu)^-1 grad log p(x, mu): a = 1 where that raises
         log p(x, z), else the first of 1/2, 1/4, 1/8 that does, else mu stays. Returns mu' and the
-        Newton terms at mu' (``terms``: those at mu, if already known)."""
+        Newton terms at mu' (``terms``: those at mu, if already known). Points are rows; the
+        halvings are evaluated for the rows that still need them only."""
         if terms is None:
             terms = self.newton_terms(mu, x, c, x_mask)
         factor = cholesky_with_jitter(terms.precision, self.jitter)
         step = torch.cholesky_solve(terms.gradient.unsqueeze(-1), factor).squeeze(-1)
-        current, pending = (mu, terms), torch.ones_like(terms.log_joint, dtype=torch.bool)
+        # "raises" up to float rounding: near the mode a step is ~0 and the sums of D pixel terms
+        # differ only in their last digits, which must not trigger the halvings
+        floor = terms.log_joint - ROUNDING * terms.log_joint.abs()
+        new_mu, new_terms = mu, terms
+        pending = torch.arange(len(mu), device=mu.device)
         for halvings in range(MAX_HALVINGS + 1):
-            proposal = mu + step / 2**halvings
-            proposed = self.newton_terms(proposal, x, c, x_mask)
-            accept = pending & (proposed.log_joint >= terms.log_joint)
-            kept = NewtonTerms(*(_where(accept, n, o) for n, o in zip(proposed, current[1], strict=True)))
-            current = (_where(accept, proposal, current[0]), kept)
-            pending = pending & ~accept
-            if not pending.any():
+            rows = pending
+            proposal = mu[rows] + step[rows] / 2**halvings
+            proposed = self.newton_terms(proposal, x[rows], _rows(c, rows), _rows(x_mask, rows))
+            better = proposed.log_joint >= floor[rows]
+            kept = rows[better]
+            new_mu = new_mu.index_copy(0, kept, proposal[better])
+            new_terms = NewtonTerms(*(full.index_copy(0, kept, part[better])
+                                      for full, part in zip(new_terms, proposed, strict=True)))
+            pending = rows[~better]
+            if len(pending) == 0:
                 break
-        return current
+        return new_mu, new_terms
 
     def site_distributions(self, x, context=None, x_mask=None) -> dict:
         """q(z | x) = N(mu_T, Lambda(mu_T)^-1) for the model's latent site."""

@@ -140,7 +140,7 @@ def test_refinement_never_lowers_the_log_joint_and_gradients_flow():
         before = log_joint(mu)
         rejected += int((log_joint(proposal) < before).sum())
         mu, _ = guide.refine(mu, x)
-        assert (log_joint(mu) >= before - 1e-4).all()
+        assert (log_joint(mu) >= before - 1e-4 * before.abs()).all()  # up to float rounding
     # Full Newton steps overshoot often on a random decoder (69 of 160 here): the guard had work
     assert rejected > 20
     gain = log_joint(mu) - log_joint(mu0)
