@@ -311,15 +311,16 @@ plt.show()
 # computes a $784 \times k$ Jacobian and a Cholesky factorization per image, so its time per
 # epoch grows linearly with $T$, much faster than a Householder reflection's.
 #
-# In a full run (2,000 training images, 6 epochs, $K = 1000$, one CPU thread) the VLAE was 23-26
+# In a full run (2,000 training images, 6 epochs, $K = 1000$, one CPU thread) the VLAE was 25-28
 # nats per image above the VAE at every $T$ (standard errors about 0.8), the Householder flow 16
 # ($T=2$) and 19 ($T=8$) nats above it, and the IAF 3 and 9 nats *below* it: the VLAE's order
 # over the VAE and the Householder flow is the paper's, the IAF's is not (at this budget; the
-# paper trained for far longer). The VLAE's gain came almost all from the first
-# step ($T = 1$: +24.7; $T = 8$: +25.7), while an epoch cost 1.5 s at $T = 1$ and 4.6 s at
-# $T = 8$, against 0.3 s for the VAE. Longer training changes the picture: in
-# `benchmarks/latent_guides.py` (30 epochs, all 4,000 images, README) the VLAE still leads on grey
-# levels but its binarized run was thrown back by a late jump of the training loss.
+# paper trained for far longer). Most of the VLAE's gain came with the first step ($T = 1$:
+# +24.6) and it stopped growing after the second ($T = 2$: +27.6, $T = 4$: +28.0, $T = 8$:
+# +27.6), while an epoch cost 1.5 s at $T = 1$ and 6.2 s at $T = 8$, against 0.3 s for the VAE.
+# Each step is guarded: it must raise $\log p(x, z)$ or it is halved (`guides/laplace.py`); an
+# earlier, unguarded version of this run scored 2-5 nats lower at $T \ge 2$, and in the 30-epoch
+# benchmark its training ELBO spiked. `benchmarks/latent_guides.py` (README) has the longer run.
 #
 # ## 5. Posterior covariance matrices
 #
