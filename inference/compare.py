@@ -209,6 +209,8 @@ def _check_folders(out: Path, configs: dict, resume: bool) -> None:
                                "the comparison or choose another output folder")
         if started and (run_dir / "config.json").exists():
             saved = json.loads((run_dir / "config.json").read_text())
+            # a fit option added since that run was written had its default value then
+            saved["fit"] = {**json.loads(json.dumps(FIT_OPTIONS)), **saved.get("fit", {})}
             if saved != json.loads(json.dumps(config)):
                 raise CompareError(f"{run_dir} holds a run with another configuration; "
                                    "choose another output folder to compare these settings")
