@@ -157,6 +157,11 @@ def test_tiny_comparison_writes_table_csv_figure_from_equal_starts(tmp_path, mon
         raise AssertionError("a finished run was trained again")
 
     monkeypatch.setattr(compare_module, "fit", no_training)
+    # a folder written before a fit option existed (here: clip_norm) resumes too: it had the default
+    config_path = out / GUIDES[0] / "config.json"
+    older = json.loads(config_path.read_text())
+    del older["fit"]["clip_norm"]
+    config_path.write_text(json.dumps(older))
     again = compare("vae", GUIDES, "digits", out=out, resume=True, **TINY)
     assert [r["is_log_likelihood"] for r in again] == [r["is_log_likelihood"] for r in rows]
     other = {**TINY, "fit_options": {"epochs": 2, "seed": 3}}
