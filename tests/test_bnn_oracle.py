@@ -70,17 +70,23 @@ def test_nuts_matches_the_exact_posterior():
     assert (covariance / sd.outer(sd) - torch.eye(D + 1, dtype=torch.float64)).abs().max() > 0.5
 
 
+def _map_and_laplace(x, y, structure="full"):
+    """A converged MAP fit and the Laplace guide around it with the true prior precision 1/s^2:
+    the GGN of a linear-Gaussian model is its exact Hessian."""
+    model = _model()
+    map_guide = MAPGuide(model)
+    fit(model, map_guide, {"x": x, "y": y}, epochs=1500, batch_size=N, lr=0.05, progress=False)
+    laplace = LaplaceGuide(model, map_guide, {"x": x, "y": y}, structure=structure,
+                           prior_precisions=torch.tensor([1 / PRIOR_SD**2]))
+    return model, map_guide, laplace
+
+
 def test_full_laplace_is_the_exact_posterior_in_float64():
     torch.set_default_dtype(torch.float64)
     try:
         x, y = _data(torch.float64)
         mean, covariance = _exact(x, y)
-        model = _model()
-        map_guide = MAPGuide(model)
-        fit(model, map_guide, {"x": x, "y": y}, epochs=1500, batch_size=N, lr=0.05, progress=False)
-        # The prior precision 1/s^2 is given: the GGN of a linear-Gaussian model is its exact Hessian.
-        laplace = LaplaceGuide(model, map_guide, {"x": x, "y": y}, structure="full",
-                               prior_precisions=torch.tensor([1 / PRIOR_SD**2]))
+        model, map_guide, laplace = _map_and_laplace(x, y)
         sd = covariance.diagonal().sqrt()
         assert ((laplace.loc - mean).abs() / sd).max() < 1e-3  # Adam's MAP, converged
         fitted = laplace.scale_tril @ laplace.scale_tril.T
@@ -96,11 +102,7 @@ def test_full_laplace_is_the_exact_posterior_in_float64():
 def test_laplace_glm_predictive_is_the_exact_predictive_of_linear_regression():
     x, y = _data()
     mean, covariance = _exact(x, y)
-    model = _model()
-    map_guide = MAPGuide(model)
-    fit(model, map_guide, {"x": x, "y": y}, epochs=1500, batch_size=N, lr=0.05, progress=False)
-    laplace = LaplaceGuide(model, map_guide, {"x": x, "y": y}, structure="full",
-                           prior_precisions=torch.tensor([1 / PRIOR_SD**2]))
+    model, _, laplace = _map_and_laplace(x, y)
     assert laplace.linearized  # the default
     torch.manual_seed(0)
     draws = predictive(model, laplace, x[:6], num_samples=20_000)
