@@ -392,6 +392,12 @@ def now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
+def new_report(name: str, cfg) -> dict:
+    """The head every benchmark report starts with: the command, date, config and machine."""
+    return {"benchmark": name, "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+            "date": now(), "config": asdict(cfg), "environment": environment()}
+
+
 def fmt_bytes(n: int) -> str:
     return f"{n:,}"
 
@@ -576,8 +582,7 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     cfg = config_from(args)
     started = time.perf_counter()
-    report = {"benchmark": "bnn", "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-              "date": now(), "config": asdict(cfg), "environment": environment()}
+    report = new_report("bnn", cfg)
     report["digits"] = digits(cfg)
     report["boston"] = boston(cfg)
     if cfg.wide_hidden > 0:

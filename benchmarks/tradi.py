@@ -34,14 +34,13 @@ import argparse
 import math
 import os
 import statistics
-import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyro
 import torch
-from bnn import EpochClock, after_warmup, environment, mean_se, median_or_nan, now, write
+from bnn import EpochClock, after_warmup, mean_se, median_or_nan, new_report, now, write
 from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
@@ -465,8 +464,7 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     cfg = config_from(args)
     started = time.perf_counter()
-    report = {"benchmark": "tradi", "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-              "date": now(), "config": asdict(cfg), "environment": environment()}
+    report = new_report("tradi", cfg)
     dataset = load_supervised(cfg.dataset)
     report["data"] = (f"{cfg.dataset}, {len(dataset.train['y'])} train / {len(dataset.test['y'])} test "
                       f"images of classes 0-7, {len(dataset.ood['x'])} test images of 8 and 9 as OOD inputs")
