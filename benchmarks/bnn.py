@@ -359,7 +359,7 @@ def nuts(cfg: Config) -> dict:
     guide, _ = train(model, "nuts", data.train, None, seed=cfg.seed, progress=True,
                      epochs=cfg.boston_epochs, batch_size=cfg.boston_batch_size, lr=cfg.boston_lr,
                      options={"nuts_warmup": cfg.nuts_warmup, "nuts_samples": cfg.nuts_samples,
-                              "nuts_chains": cfg.nuts_chains, "nuts_init": "map", "nuts_jit": True})
+                              "chains": cfg.nuts_chains, "nuts_init": "map", "nuts_jit": True})
     seconds = time.perf_counter() - started
     scores = score(model, guide, data, num_samples=guide.num_members)
     iterations = cfg.nuts_chains * (cfg.nuts_warmup + cfg.nuts_samples)

@@ -53,8 +53,8 @@ def train(model, method: str, train: dict, valid: dict | None = None, *, options
     lr / friction) worked on the gap and Boston sets; larger steps diverge.
 
     ``options``: method settings (``init_scale``, ``dropout``, ``members``, ``laplace_structure``,
-    ``laplace_predictive`` ("glm" or "sampled"), ``burn_in_epochs``, ``thin``, ``chains``
-    (SGLD/SGHMC), ``nuts_samples``, ``nuts_warmup``, ``nuts_chains``, ``nuts_max_tree_depth``,
+    ``laplace_predictive`` ("glm" or "sampled"), ``burn_in_epochs``, ``thin``, ``chains`` (NUTS:
+    default 2; SGLD/SGHMC: default 1), ``nuts_samples``, ``nuts_warmup``, ``nuts_max_tree_depth``,
     ``nuts_jit``, ``nuts_init`` ("prior" or "map"), ``tradi`` tracker settings). ``fit_options``
     go to ``inference.svi.fit`` (epochs, lr, batch_size, ...).
     """
@@ -196,7 +196,7 @@ def _nuts(model, train: dict, options: dict, fit_options: dict) -> WeightSamples
     elif options.get("nuts_init", "prior") != "prior":
         raise ValueError(f"nuts_init must be 'prior' or 'map', got {options['nuts_init']!r}")
     draws = run_nuts(model, train, num_samples=options.get("nuts_samples", 500),
-                     warmup=options.get("nuts_warmup", 500), num_chains=options.get("nuts_chains", 2),
+                     warmup=options.get("nuts_warmup", 500), num_chains=options.get("chains", 2),
                      max_tree_depth=options.get("nuts_max_tree_depth", 10),
                      seed=fit_options.get("seed", 0), progress=fit_options.get("progress", True),
                      jit_compile=options.get("nuts_jit", False), init_values=init_values)

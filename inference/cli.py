@@ -147,6 +147,9 @@ def _add_model_options(command) -> None:
     bnn.add_argument("--nuts-warmup", type=_positive_int, default=500, help="NUTS warm-up steps per chain")
     bnn.add_argument("--nuts-max-tree-depth", type=_positive_int, default=10,
                      help="at most 2^depth leapfrog steps per NUTS draw")
+    bnn.add_argument("--chains", type=_positive_int, default=None,
+                     help="independent chains for nuts (default 2), sgld and sghmc (default 1); "
+                          "with 2 or more, metrics.json gets ArviZ's R-hat and ESS")
     bnn.add_argument("--nuts-init", choices=("prior", "map"), default="prior",
                      help="NUTS chains start from a prior draw, or all from a MAP fit (--epochs)")
     bnn.add_argument("--nuts-jit", action="store_true",
@@ -256,7 +259,8 @@ def _bnn_options(args) -> dict:
                "laplace_structure": args.laplace_structure, "laplace_predictive": args.laplace_predictive,
                "nuts_samples": args.nuts_samples,
                "nuts_warmup": args.nuts_warmup, "nuts_max_tree_depth": args.nuts_max_tree_depth,
-               "nuts_init": args.nuts_init, "nuts_jit": args.nuts_jit, "tradi_rank": args.tradi_rank}
+               "nuts_init": args.nuts_init, "nuts_jit": args.nuts_jit, "tradi_rank": args.tradi_rank,
+               "chains": args.chains}
     return {k: v for k, v in options.items() if v is not None}
 
 
@@ -292,6 +296,13 @@ def _fit_bnn(args, run_dir: Path) -> int:
     metrics = {"config": config, "history": result.history if result else [], "train_seconds": seconds,
                "posterior_bytes": memory_bytes(guide), "hardware": _hardware(args.device),
                "test": score(model, guide, dataset, num_samples=samples)}
+    chains = getattr(guide, "chains", None)
+    if chains is not None and len(next(iter(chains.values()))) >= 2:
+        from inference import diagnostics
+
+        draws = diagnostics.inference_data(chains)
+        metrics["chains"] = {"count": len(next(iter(chains.values()))),
+                             "max_rhat": diagnostics.max_rhat(draws), "min_ess": diagnostics.min_ess(draws)}
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     _write_bnn_figures(run_dir, model, guide, dataset, metrics["history"])
     print(_bnn_summary(metrics["test"]))

@@ -257,6 +257,16 @@ def test_cli_resumes_an_interrupted_bnn_run(tmp_path, capsys):
                                                                    rel=1e-5)
 
 
+def test_cli_reports_rhat_and_ess_for_several_sampler_chains(tmp_path):
+    argv = ["fit", "bnn", "--guide", "sgld", "--data", "gap", "--epochs", "4", "--batch-size", "80",
+            "--lr", "1e-4", "--hidden", "8", "--out", str(tmp_path), "--no-progress", "--chains", "2",
+            "--predictive-samples", "10"]
+    assert cli.main(argv) == 0
+    chains = json.loads((tmp_path / "metrics.json").read_text())["chains"]
+    # two short chains from different initialisations: R-hat is computed (finite, above 1 - noise)
+    assert chains["count"] == 2 and chains["max_rhat"] > 0.9 and chains["min_ess"] > 0
+
+
 def test_cli_refuses_to_resume_a_sampler_run(tmp_path, capsys):
     argv = ["fit", "bnn", "--guide", "sgld", "--data", "gap", "--out", str(tmp_path), "--resume"]
     assert cli.main(argv) == cli.EXIT_USAGE

@@ -235,7 +235,7 @@ nuts_model = BayesianNeuralNetwork(network(), (1,), noise="prior")
 tic = time.perf_counter()
 nuts_guide, _ = train(nuts_model, "nuts", gap.train, progress=False, seed=0,
                       options={"nuts_samples": NUTS_SAMPLES, "nuts_warmup": NUTS_WARMUP,
-                               "nuts_chains": NUTS_CHAINS})
+                               "chains": NUTS_CHAINS})
 fits["nuts"] = (nuts_model, nuts_guide, time.perf_counter() - tic)
 print(f"nuts       {fits['nuts'][2]:5.1f} s ({NUTS_CHAINS} chains x ({NUTS_WARMUP} warm-up + "
       f"{NUTS_SAMPLES} kept) iterations)")
