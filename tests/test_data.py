@@ -208,7 +208,7 @@ def _assert_rows_match(split, written, expected_ids):
 @pytest.mark.parametrize("name, folder", [("mnist", "MNIST"), ("fashion-mnist", "FashionMNIST")])
 def test_mnist_like_reads_idx_files(tmp_path, name, folder):
     written = _write_tiny_mnist(tmp_path / folder / "raw", np.random.default_rng(0))
-    ds = load_dataset(name, root=tmp_path, valid_fraction=0.1, split_seed=3)
+    ds = load_dataset(name, root=tmp_path, valid_fraction=0.1, split_seed=3, download=False)
     assert ds.image_shape == (28, 28) and ds.x_dim == 784 and ds.num_classes == 10
     assert (len(ds.train["y"]), len(ds.valid["y"]), len(ds.test["y"])) == (18, 2, 10)
     ids_train = (ds.train["x"][:, 0] * 255).round().to(torch.int64).tolist()
@@ -222,16 +222,17 @@ def test_mnist_like_reads_idx_files(tmp_path, name, folder):
     assert test_ids == list(range(100, 110))
 
     # The valid split is the tail of a seeded shuffle: same seed same split, other seed other.
-    assert torch.equal(load_dataset(name, root=tmp_path, split_seed=3).valid["x"], ds.valid["x"])
-    others = [load_dataset(name, root=tmp_path, split_seed=s).train["x"] for s in range(4, 7)]
+    again = load_dataset(name, root=tmp_path, split_seed=3, download=False)
+    assert torch.equal(again.valid["x"], ds.valid["x"])
+    others = [load_dataset(name, root=tmp_path, split_seed=s, download=False).train["x"] for s in range(4, 7)]
     assert any(not torch.equal(o, ds.train["x"]) for o in others)
 
 
 def test_valid_fraction_sets_the_valid_size(tmp_path):
     _write_tiny_mnist(tmp_path / "MNIST" / "raw", np.random.default_rng(1))
-    ds = load_dataset("mnist", root=str(tmp_path), valid_fraction=0.25)
+    ds = load_dataset("mnist", root=str(tmp_path), valid_fraction=0.25, download=False)
     assert (len(ds.train["y"]), len(ds.valid["y"])) == (15, 5)
-    ds = load_dataset("mnist", root=tmp_path, valid_fraction=0.0)
+    ds = load_dataset("mnist", root=tmp_path, valid_fraction=0.0, download=False)
     assert (len(ds.train["y"]), len(ds.valid["y"])) == (20, 0)
 
 
@@ -265,7 +266,7 @@ def _write_tiny_cifar(root, rng, per_batch=4, n_test=6, protocol=2):
 @pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])
 def test_cifar10_reads_pickle_batches(tmp_path, protocol):
     written = _write_tiny_cifar(tmp_path, np.random.default_rng(0), protocol=protocol)
-    ds = load_dataset("cifar10", root=tmp_path, valid_fraction=0.25)
+    ds = load_dataset("cifar10", root=tmp_path, valid_fraction=0.25, download=False)
     assert ds.image_shape == (3, 32, 32) and ds.x_dim == 3072 and ds.num_classes == 10
     assert (len(ds.train["y"]), len(ds.valid["y"]), len(ds.test["y"])) == (15, 5, 6)
     ids_train = (ds.train["x"][:, 0] * 255).round().to(torch.int64).tolist()
@@ -282,7 +283,7 @@ def test_cifar10_refuses_pickles_that_name_other_objects(tmp_path):
     with open(tmp_path / "cifar-10-batches-py" / "test_batch", "wb") as f:
         pickle.dump(bad, f, protocol=2)
     with pytest.raises(ValueError, match="refusing to load collections.OrderedDict"):
-        load_dataset("cifar10", root=tmp_path)
+        load_dataset("cifar10", root=tmp_path, download=False)
 
 
 def test_cifar10_rejects_malformed_batch(tmp_path):
@@ -291,7 +292,7 @@ def test_cifar10_rejects_malformed_batch(tmp_path):
     with open(tmp_path / "cifar-10-batches-py" / "data_batch_3", "wb") as f:
         pickle.dump(bad, f, protocol=2)
     with pytest.raises(ValueError, match=r"data_batch_3.*expected uint8 \(N, 3072\)"):
-        load_dataset("cifar10", root=tmp_path)
+        load_dataset("cifar10", root=tmp_path, download=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -313,7 +314,7 @@ def test_partial_mnist_is_reported_missing(tmp_path):
     _write_tiny_mnist(raw, np.random.default_rng(0))
     (raw / "t10k-labels-idx1-ubyte").unlink()
     with pytest.raises(FileNotFoundError, match="--download"):
-        load_dataset("mnist", root=tmp_path)
+        load_dataset("mnist", root=tmp_path, download=False)
 
 
 def test_unknown_dataset_lists_the_valid_names():

@@ -467,7 +467,7 @@ def test_jsb_loader_reads_a_tiny_file(tmp_path):
                 "test": [[(48,), (50, 53)]]}
     with (folder / "JSB Chorales.pickle").open("wb") as handle:
         pickle.dump(chorales, handle, protocol=2)
-    data = load_jsb_chorales(tmp_path)
+    data = load_jsb_chorales(tmp_path, download=False)
     assert data.train["x"].shape == (2, 3, 88)
     assert data.train["mask"].tolist() == [[True] * 3, [True, False, False]]
     assert data.train["x"][0, 0].nonzero().flatten().tolist() == [39, 43, 46]
@@ -475,7 +475,7 @@ def test_jsb_loader_reads_a_tiny_file(tmp_path):
     assert data.train["x"][0, 2].sum() == 0 and data.num_steps("train") == 4
     check_sequence_split(data.train, x_dim=88)
     with pytest.raises(FileNotFoundError, match="download=True"):
-        load_jsb_chorales(tmp_path / "elsewhere")
+        load_jsb_chorales(tmp_path / "elsewhere", download=False)
 
 
 def test_jsb_loader_refuses_code_in_the_pickle(tmp_path):
@@ -488,7 +488,7 @@ def test_jsb_loader_refuses_code_in_the_pickle(tmp_path):
     with (folder / "JSB Chorales.pickle").open("wb") as handle:
         pickle.dump({"train": [Exploit()], "valid": [], "test": []}, handle)
     with pytest.raises(pickle.UnpicklingError, match="refusing"):
-        load_jsb_chorales(tmp_path)
+        load_jsb_chorales(tmp_path, download=False)
 
 
 def test_piano_roll_and_padding_helpers():
