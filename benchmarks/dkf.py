@@ -43,8 +43,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
-import json
 import math
 import os
 import platform
@@ -57,6 +55,7 @@ from pathlib import Path
 import pyro
 import pyro.distributions as dist
 import torch
+from bnn import now, write
 from pyro import poutine
 from pyro.infer import Trace_ELBO
 from pyro.nn import PyroModule
@@ -602,24 +601,15 @@ def main(argv=None) -> dict:
     cfg = config_from(args)
     started = time.perf_counter()
     report = {"benchmark": "dkf", "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "date": now(),
               "config": asdict(cfg), "environment": environment()}
     report["speed"] = speed(cfg)
     report["linear_gaussian"] = linear_gaussian(cfg)
     report["pendulum"] = pendulum(cfg)
     report["wall_seconds"] = time.perf_counter() - started
     report["load_average_at_end"] = os.getloadavg()
-    write(report, args.out or RESULTS / ("dkf_quick" if args.quick else "dkf"))
+    write(report, args.out or RESULTS / ("dkf_quick" if args.quick else "dkf"), markdown)
     return report
-
-
-def write(report: dict, stem: Path) -> None:
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    table = markdown(report)
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(table)
-    print(table)
-    print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.md')}")
 
 
 if __name__ == "__main__":

@@ -23,8 +23,6 @@ Writes ``results/vae.json`` and ``results/vae.md`` (``vae_quick.*`` with ``--qui
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
 import os
 import platform
@@ -36,6 +34,7 @@ from pathlib import Path
 
 import pyro
 import torch
+from bnn import now, write
 from torch import nn
 from torch.nn.functional import binary_cross_entropy_with_logits, softplus
 from tqdm.auto import tqdm
@@ -368,23 +367,14 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     cfg = config_from(args)
     report = {"benchmark": "vae", "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "date": now(),
               "config": asdict(cfg), "environment": environment(args.device)}
     dataset, train, test, report["data"] = load_data(cfg)
     report["speed"] = time_epochs(train, dataset, cfg, args.device)
     report["quality"] = [{"name": name, **score_guide(cls, train, test, dataset, cfg, args.device)}
                          for name, cls in GUIDES.items()]
-    write(report, args.out or RESULTS / ("vae_quick" if args.quick else "vae"))
+    write(report, args.out or RESULTS / ("vae_quick" if args.quick else "vae"), markdown)
     return report
-
-
-def write(report: dict, stem: Path) -> None:
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    table = markdown(report)
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(table)
-    print(table)
-    print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.md')}")
 
 
 if __name__ == "__main__":
