@@ -24,7 +24,7 @@ from pathlib import Path
 import pyro
 import torch
 from pyro import poutine
-from pyro.infer import Trace_ELBO
+from pyro.infer import ELBO, Trace_ELBO
 from pyro.poutine.messenger import Messenger
 from tqdm import tqdm
 
@@ -137,14 +137,15 @@ def kl_weight(epoch: int, anneal_epochs: int, start: float = 0.0) -> float:
 
 @torch.no_grad()
 def evaluate_elbo(model, guide, data: dict, batch_size: int = 500, num_particles: int = 1,
-                  device="cpu", num_data: int | None = None) -> float:
+                  device="cpu", num_data: int | None = None, elbo: type[ELBO] = Trace_ELBO) -> float:
     """Mean per-point ELBO of ``data`` (a dict of model inputs), in nats.
 
     ``num_data``: the training-set size, for models with global sites (Bayesian neural
     networks): each point then carries 1/num_data of log p(w) - log q(w), as in training.
+    ``elbo``: the estimator class, as in ``fit``.
     """
     nesting = max_plate_nesting(model, guide, _to(_first(data), device))
-    elbo = _elbo(num_particles, nesting)
+    objective = _elbo(elbo, num_particles, nesting)
     was_training = (model.training, guide.training)
     model.eval(), guide.eval()
     total, count = 0.0, 0
@@ -152,15 +153,15 @@ def evaluate_elbo(model, guide, data: dict, batch_size: int = 500, num_particles
         for batch in _minibatches(data, batch_size, None):
             batch = _to(batch, device)
             with scale_global_sites(_size(batch) / (num_data or _size(batch)), nesting):
-                total -= elbo.loss(model, guide, **batch)
+                total -= objective.loss(model, guide, **batch)
             count += _size(batch)
     finally:
         model.train(was_training[0]), guide.train(was_training[1])
     return total / count
 
 
-def _elbo(num_particles: int, plate_nesting: int) -> Trace_ELBO:
-    return Trace_ELBO(num_particles=num_particles, vectorize_particles=num_particles > 1,
+def _elbo(estimator: type[ELBO], num_particles: int, plate_nesting: int) -> ELBO:
+    return estimator(num_particles=num_particles, vectorize_particles=num_particles > 1,
                       max_plate_nesting=plate_nesting)
 
 
@@ -207,7 +208,7 @@ def _parameters(model, guide) -> list[torch.nn.Parameter]:
 def fit(model, guide, train: dict, valid: dict | None = None, *,
         epochs: int = 10, batch_size: int = 100, lr: float = 1e-3,
         optimizer: Callable[..., torch.optim.Optimizer] = torch.optim.Adam,
-        lr_decay: float = 1.0, num_particles: int = 1,
+        lr_decay: float = 1.0, num_particles: int = 1, elbo: type[ELBO] = Trace_ELBO,
         kl_anneal_epochs: int = 0, kl_anneal_start: float = 0.0,
         patience: int | None = None, clip_norm: float | None = None, seed: int = 0, device: str = "cpu",
         run_dir: str | os.PathLike | None = None, resume: bool = False,
@@ -222,6 +223,9 @@ def fit(model, guide, train: dict, valid: dict | None = None, *,
         epochs: total number of epochs (a resumed run continues up to this number).
         lr_decay: the learning rate is multiplied by this after every epoch.
         num_particles: ELBO samples per data point (vectorized).
+        elbo: the ELBO estimator class. ``Trace_ELBO`` estimates log p(z) - log q(z) at the
+            sample; ``TraceMeanField_ELBO`` uses the closed-form KL(q || p) wherever one is
+            registered (a mean-field Gaussian guide against a Gaussian prior): the same ELBO.
         kl_anneal_epochs: if > 0, the KL weight grows linearly from ``kl_anneal_start``
             to 1 over this many epochs.
         patience: stop when the validation ELBO has not improved for this many epochs;
@@ -262,7 +266,7 @@ def fit(model, guide, train: dict, valid: dict | None = None, *,
     if batch_transform is not None:
         first = batch_transform(first, torch.Generator().manual_seed(seed))
     nesting = max_plate_nesting(model, guide, _to(first, device))
-    elbo = _elbo(num_particles, nesting)
+    objective = _elbo(elbo, num_particles, nesting)
     params = _parameters(model, guide)
     opt = optimizer(params, lr=lr)
     schedule = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=lr_decay)
@@ -297,7 +301,7 @@ def fit(model, guide, train: dict, valid: dict | None = None, *,
                 if batch_transform is not None:
                     batch = batch_transform(batch, generator)
                 batch = _to(batch, device)
-                loss = _step_loss(elbo, model, guide, batch, beta, _size(batch) / num_train, nesting)
+                loss = _step_loss(objective, model, guide, batch, beta, _size(batch) / num_train, nesting)
                 value = loss.item()
                 if not math.isfinite(value):
                     step = epoch * steps_per_epoch + step_in_epoch + 1
@@ -316,7 +320,7 @@ def fit(model, guide, train: dict, valid: dict | None = None, *,
                "seconds": time.perf_counter() - started}
         if valid is not None:
             row["valid_elbo"] = evaluate_elbo(model, guide, valid, device=device, num_data=num_train,
-                                              num_particles=num_particles)
+                                              num_particles=num_particles, elbo=elbo)
         result.history.append(row)
         improved = result.best_epoch < 0 or _score(row) > _score(result.history[result.best_epoch])
         if improved:
@@ -342,11 +346,11 @@ def fit(model, guide, train: dict, valid: dict | None = None, *,
     return result
 
 
-def _step_loss(elbo, model, guide, batch: dict, beta: float, share: float,
+def _step_loss(objective: ELBO, model, guide, batch: dict, beta: float, share: float,
                plate_nesting: int) -> torch.Tensor:
     """The (annealed) negative ELBO of a minibatch; global sites count with the batch's share."""
     with scale_global_sites(share, plate_nesting), scale_latents(beta):
-        return elbo.differentiable_loss(model, guide, **batch)
+        return objective.differentiable_loss(model, guide, **batch)
 
 
 def _score(row: dict) -> float:

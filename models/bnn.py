@@ -35,6 +35,7 @@ from pyro.nn.module import to_pyro_module_
 from pyro.poutine.runtime import effectful
 from pyro.poutine.util import site_is_subsample
 from torch import nn
+from torch.distributions import Independent, Normal, register_kl
 
 PRIORS = ("normal", "fan_in", "hierarchical")
 LIKELIHOODS = ("gaussian", "heteroscedastic", "categorical", "bernoulli")
@@ -208,6 +209,23 @@ class IsotropicNormal(dist.TorchDistribution):
         squares = value.pow(2).sum(event_dims) if event_dims else value.pow(2)
         return (-0.5 * squares / self.scale**2 - count * self.scale.log()
                 - 0.5 * count * math.log(2 * math.pi))
+
+
+@register_kl(Independent, IsotropicNormal)
+def _kl_diagonal_normal_isotropic_normal(q, p):
+    """KL(N(mu, diag sigma^2) || N(0, s^2 I)) over the n entries of a weight tensor:
+
+        n log s - sum log sigma + (sum mu^2 + sum sigma^2) / (2 s^2) - n / 2
+
+    The closed form ``TraceMeanField_ELBO`` uses for a mean-field guide against these priors.
+    """
+    base = q.base_dist
+    if not isinstance(base, Normal) or q.reinterpreted_batch_ndims != len(p.event_shape):
+        raise NotImplementedError
+    dims = tuple(range(-len(p.event_shape), 0))
+    count = p.event_shape.numel()
+    squares = (base.loc.pow(2) + base.scale.pow(2)).sum(dims)
+    return count * p.scale.log() - base.scale.log().sum(dims) + 0.5 * squares / p.scale**2 - 0.5 * count
 
 
 def as_global(value: torch.Tensor | None, event_dim: int) -> torch.Tensor | None:
