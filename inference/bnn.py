@@ -22,7 +22,9 @@ metrics and the ArviZ diagnostics treat them all alike.
 from __future__ import annotations
 
 import contextlib
+import os
 from functools import partial
+from pathlib import Path
 
 import torch
 from pyro.infer import TraceMeanField_ELBO
@@ -35,9 +37,10 @@ from guides.reparameterization import flipout, local_reparameterization
 from guides.samples import WeightSamples
 from guides.tradi import TradiGuide
 from guides.weight_laplace import LaplaceGuide
+from guides.weights import weight_sites
 from inference.mcmc import pooled, run_nuts
 from inference.sgmcmc import SGHMC, SGLD, ThinnedSamples
-from inference.svi import fit
+from inference.svi import CHECKPOINT, fit, save_atomically
 from inference.tradi import WeightTracker
 
 METHODS = ("map", "meanfield", "lrt", "flipout", "mcdropout", "ensemble", "laplace", "sgld", "sghmc",
@@ -110,7 +113,9 @@ def _sgmcmc(model, method: str, train: dict, valid, options: dict, fit_options: 
     ``chains`` (default 1) independent chains run one after the other, each from a fresh draw of
     PyTorch's initialisation and with its own seed (the model's own parameters restart too); the
     guide pools their draws and keeps them per chain in ``guide.chains`` for ArviZ's R-hat and
-    ESS, as for NUTS. The FitResult returned is the last chain's.
+    ESS, as for NUTS. The FitResult returned is the last chain's. With a ``run_dir``, chain c > 0
+    checkpoints in ``run_dir/chain<c>``, and every checkpoint holds the chain's draws so far, so
+    ``resume=True`` continues an interrupted run chain by chain.
     """
     num_chains = options.get("chains", 1)
     start = {key: value.clone() for key, value in model.state_dict().items()}
@@ -126,12 +131,23 @@ def _sgmcmc(model, method: str, train: dict, valid, options: dict, fit_options: 
                 for name, weight in guide.named_weights().items():
                     if name in fresh:
                         weight.copy_(fresh[name])
-        recorder, result = _sgmcmc_chain(model, guide, method, train, valid, options,
-                                         {**fit_options, "seed": seed + chain})
+        chain_options = {**fit_options, "seed": seed + chain, **_run_folder(fit_options, chain)}
+        recorder, result = _sgmcmc_chain(model, guide, method, train, valid, options, chain_options)
         chains.append(recorder.stacked())
     samples = WeightSamples(model, {name: torch.cat([c[name] for c in chains]) for name in chains[0]})
     samples.chains = {name: torch.stack([c[name] for c in chains]) for name in chains[0]}
     return samples, result
+
+
+def _run_folder(fit_options: dict, chain: int) -> dict:
+    """Chain ``chain``'s run folder (the run's own for chain 0) and whether it resumes: only a
+    chain that wrote a checkpoint can; a later one starts afresh."""
+    run_dir = fit_options.get("run_dir")
+    if run_dir is None:
+        return {}
+    run_dir = Path(run_dir) if chain == 0 else Path(run_dir) / f"chain{chain}"
+    resume = fit_options.get("resume", False) and (run_dir / CHECKPOINT).exists()
+    return {"run_dir": run_dir, "resume": resume}
 
 
 def _sgmcmc_chain(model, guide: MAPGuide, method: str, train: dict, valid, options: dict,
@@ -156,11 +172,11 @@ def _sgmcmc_chain(model, guide: MAPGuide, method: str, train: dict, valid, optio
         if point_estimates:  # e.g. a learned noise scale: it has no prior, so it is optimized (T = 0)
             groups.append({"params": point_estimates, "temperature": 0.0})
         opt = sampler(groups, lr=lr, grad_scale=num_train / batch_size)
-        step = iter(range(1, 1 << 62))
-        opt.register_step_post_hook(lambda *_: recorder.offer(next(step), guide.point()))
+        opt.register_step_post_hook(lambda *_: recorder.record(guide.point()))
         return opt
 
-    result = fit(model, guide, train, valid, optimizer=optimizer, **fit_options)
+    result = fit(model, guide, train, valid, optimizer=optimizer, checkpoint_extras={"samples": recorder},
+                 **fit_options)
     if len(recorder) == 0:
         raise ValueError("the sampler kept no samples: train for more epochs than burn_in_epochs")
     return recorder, result
@@ -186,7 +202,8 @@ def _tradi(model, train: dict, valid, options: dict, fit_options: dict):
         tracker.attach(opt)
         return opt
 
-    result = fit(model, guide, train, valid, optimizer=optimizer, **fit_options)
+    result = fit(model, guide, train, valid, optimizer=optimizer, checkpoint_extras={"tracker": tracker},
+                 **fit_options)
     if tracker.tracked_steps == 0:
         raise ValueError("TRADI tracked no step: train for more epochs than burn_in_epochs")
     tradi = TradiGuide(model, tracker.means(), tracker.variances(), guide.point(),
@@ -200,7 +217,7 @@ def _nuts(model, train: dict, options: dict, fit_options: dict) -> WeightSamples
     init_values = None
     if options.get("nuts_init", "prior") == "map":
         start = MAPGuide(model)
-        fit(model, start, train, None, **fit_options)
+        fit(model, start, train, None, **{**fit_options, **_run_folder(fit_options, 0)})
         init_values = start.point()
     elif options.get("nuts_init", "prior") != "prior":
         raise ValueError(f"nuts_init must be 'prior' or 'map', got {options['nuts_init']!r}")
@@ -208,8 +225,59 @@ def _nuts(model, train: dict, options: dict, fit_options: dict) -> WeightSamples
                      warmup=options.get("nuts_warmup", 500), num_chains=options.get("chains", 2),
                      max_tree_depth=options.get("nuts_max_tree_depth", 10),
                      seed=fit_options.get("seed", 0), progress=fit_options.get("progress", True),
-                     jit_compile=options.get("nuts_jit", False), init_values=init_values)
+                     jit_compile=options.get("nuts_jit", False), init_values=init_values,
+                     run_dir=fit_options.get("run_dir"), resume=fit_options.get("resume", False))
     guide = WeightSamples(model, pooled(draws))
     guide.chains = draws  # per chain, for ArviZ's R-hat and ESS
     return guide
 
+
+
+# ----------------------------------------------------------------------------------------------
+# The fitted posterior on disk
+
+POSTERIOR = "posterior.pt"
+
+
+def save_posterior(path: str | os.PathLike, model, guide) -> None:
+    """Write the model's and the final guide's tensors (weights, draws, Laplace factors, TRADI's
+    means and scales) to ``path``: what ``load_posterior`` needs to predict without training."""
+    save_atomically({"model": model.state_dict(), "guide": guide.state_dict()}, Path(path))
+
+
+def load_posterior(path: str | os.PathLike, model, method: str, options: dict, train: dict):
+    """The guide ``train(model, method, ...)`` returned, rebuilt from ``save_posterior``'s file.
+
+    ``model`` must be built as for training; ``options`` are the method settings used then.
+    Laplace recomputes its Gauss-Newton matrix from ``train`` at the saved MAP point (the same
+    deterministic computation as after training), then takes the saved factors.
+    """
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    guide = _guide_shell(model, method, options, state["guide"], train)
+    guide.load_state_dict(state["guide"])
+    return guide
+
+
+def _guide_shell(model, method: str, options: dict, state: dict, train: dict):
+    """A guide of the right kind and shapes, to load ``state`` into."""
+    if method not in METHODS:
+        raise ValueError(f"unknown BNN method {method!r}; choose from {', '.join(METHODS)}")
+    sites = weight_sites(model)
+    if method in ("sgld", "sghmc", "nuts"):
+        return WeightSamples(model, {s.name: state[f"members.{s.key}"] for s in sites})
+    if method == "tradi":
+        tracked = [s for s in sites if f"{s.key}_loc" in state]
+        means = {s.name: state[f"{s.key}_loc"] for s in tracked}
+        variances = {s.name: state[f"{s.key}_scale"] ** 2 for s in tracked}
+        point = {s.name: state[f"{s.key}_point"] for s in sites if s.name not in means}
+        return TradiGuide(model, means, variances, point, rank=options.get("tradi_rank", 0),
+                          correlation=options.get("tradi_correlation", 0.5))
+    if method == "laplace":
+        map_guide = MAPGuide(model)
+        with torch.no_grad():
+            for site, weight in zip(sites, map_guide.named_weights().values(), strict=True):
+                weight.copy_(map_guide.transforms[site.name].inv(state[f"{site.key}_point"]))
+        return LaplaceGuide(model, map_guide, train, structure=options.get("laplace_structure", "last-layer"),
+                            predictive=options.get("laplace_predictive", "glm"))
+    return _svi_guide(model, method, options)

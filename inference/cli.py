@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from inference import registry
+from inference.bnn import POSTERIOR, load_posterior, save_posterior
 from inference.svi import CHECKPOINT, FINAL_WEIGHTS, NonFiniteLossError, fit, load_weights
 
 EXIT_USAGE = 2
@@ -73,6 +74,8 @@ def _parser() -> argparse.ArgumentParser:
     eval_cmd = commands.add_parser("evaluate", help="score a fitted run on its test set")
     eval_cmd.add_argument("run", type=Path)
     eval_cmd.add_argument("--is-samples", type=_positive_int, default=1000)
+    eval_cmd.add_argument("--predictive-samples", type=_positive_int, default=100,
+                          help="weight samples per prediction (bnn runs)")
     eval_cmd.add_argument("--device", default="cpu")
     _add_data_options(eval_cmd, with_binarize=False)
 
@@ -247,7 +250,6 @@ def _noise(text: str):
 
 
 # SVI from start to end (Laplace: its MAP phase), so fit's checkpoint is everything a run needs.
-RESUMABLE_BNN_GUIDES = ("map", "meanfield", "lrt", "flipout", "mcdropout", "ensemble", "laplace")
 
 
 def _bnn_options(args) -> dict:
@@ -266,10 +268,6 @@ def _bnn_options(args) -> dict:
 
 def _fit_bnn(args, run_dir: Path) -> int:
     """Train a Bayesian MLP with the chosen method and score it on the test split."""
-    if args.resume and args.guide not in RESUMABLE_BNN_GUIDES:
-        raise UsageError("--resume works for the bnn guides trained by SVI "
-                         f"({', '.join(RESUMABLE_BNN_GUIDES)}); the checkpoint of a {args.guide} run "
-                         "does not hold its sampler's draws or tracker, so start a new run")
     options = _bnn_options(args)
     if args.guide == "nuts" and options["noise"] == "learned":
         options["noise"] = "prior"  # NUTS samples sites only: the noise gets a prior
@@ -289,13 +287,12 @@ def _fit_bnn(args, run_dir: Path) -> int:
                                               progress=not args.no_progress)
     seconds = time.perf_counter() - started
     from inference.metrics import memory_bytes
-    from inference.predictive import score
 
     model, guide = model.cpu(), guide.cpu()
-    samples = getattr(guide, "num_members", args.predictive_samples)
+    save_posterior(run_dir / POSTERIOR, model, guide)
     metrics = {"config": config, "history": result.history if result else [], "train_seconds": seconds,
                "posterior_bytes": memory_bytes(guide), "hardware": _hardware(args.device),
-               "test": score(model, guide, dataset, num_samples=samples)}
+               "test": _score_bnn(model, guide, dataset, args.predictive_samples, args.seed)}
     chains = getattr(guide, "chains", None)
     if chains is not None and len(next(iter(chains.values()))) >= 2:
         from inference import diagnostics
@@ -308,6 +305,16 @@ def _fit_bnn(args, run_dir: Path) -> int:
     print(_bnn_summary(metrics["test"]))
     print(f"run folder: {run_dir}")
     return 0
+
+
+def _score_bnn(model, guide, dataset, predictive_samples: int, seed: int) -> dict:
+    """Test scores, from a seeded random stream: ``evaluate`` on the saved posterior repeats them.
+    Sample-set guides (ensemble, SGLD, SGHMC, NUTS) predict with each member once."""
+    from inference.predictive import score
+    from inference.svi import set_seed
+
+    set_seed(seed)
+    return score(model, guide, dataset, num_samples=getattr(guide, "num_members", predictive_samples))
 
 
 def _bnn_summary(scores: dict) -> str:
@@ -354,7 +361,7 @@ def _fit(args) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device} asked for, but torch sees no CUDA device")
     run_dir = args.out or Path("runs") / f"{args.model}-{args.guide}-{args.data}-seed{args.seed}"
-    if (run_dir / CHECKPOINT).exists() and not args.resume:
+    if _holds_a_run(run_dir) and not args.resume:
         raise UsageError(f"{run_dir} already holds a run; pass --resume to continue it "
                          "or --out to start another")
     if registry.model_entry(args.model).family == registry.BNN:
@@ -391,6 +398,13 @@ def _fit(args) -> int:
     return 0
 
 
+def _holds_a_run(run_dir: Path) -> bool:
+    """Whether a run wrote something there that a new run would overwrite (an epoch checkpoint,
+    a finished posterior, a finished NUTS chain)."""
+    return any((run_dir / name).exists() for name in (CHECKPOINT, POSTERIOR)) or \
+        any(run_dir.glob("nuts-chain*.pt"))
+
+
 def _compare(args) -> int:
     from inference.compare import CompareError, compare
 
@@ -425,12 +439,14 @@ def _compare(args) -> int:
 
 def _evaluate(args) -> int:
     config_path = args.run / "config.json"
-    if not config_path.exists() or not (args.run / FINAL_WEIGHTS).exists():
+    config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    bnn = "model" in config and registry.model_entry(config["model"]).family == registry.BNN
+    final = POSTERIOR if bnn else FINAL_WEIGHTS
+    if not config or not (args.run / final).exists():
         raise UsageError(f"{args.run} is not a finished run folder (needs config.json and "
-                         f"{FINAL_WEIGHTS}); fit one with `bayeszoo fit`")
-    config = json.loads(config_path.read_text())
-    if registry.model_entry(config["model"]).family == registry.BNN:
-        raise UsageError(f"{args.run} is a bnn run: `bayeszoo fit` scored it (metrics.json)")
+                         f"{final}); fit one with `bayeszoo fit`")
+    if bnn:
+        return _evaluate_bnn(args, config)
     dataset = registry.load_data(config["model"], config["data"], root=args.data_root,
                                  download=args.download, binarize=config["binarize"])
     model, guide, inputs = registry.build(config["model"], config["guide"], dataset,
@@ -440,6 +456,19 @@ def _evaluate(args) -> int:
                     args.is_samples, args.device)
     (args.run / "evaluation.json").write_text(json.dumps(scores, indent=2))
     print(_summary(scores))
+    return 0
+
+
+def _evaluate_bnn(args, config: dict) -> int:
+    """Rebuild a bnn run's posterior from ``posterior.pt`` and score it on the test split."""
+    dataset = registry.load_data(config["model"], config["data"], root=args.data_root,
+                                 download=args.download, split=config["split"])
+    torch.manual_seed(config["fit"]["seed"])  # the network is built as in `fit`, then overwritten
+    model = registry.bnn_model(dataset, config["options"])
+    guide = load_posterior(args.run / POSTERIOR, model, config["guide"], config["options"], dataset.train)
+    scores = _score_bnn(model, guide, dataset, args.predictive_samples, config["fit"]["seed"])
+    (args.run / "evaluation.json").write_text(json.dumps(scores, indent=2))
+    print(_bnn_summary(scores))
     return 0
 
 

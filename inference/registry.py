@@ -94,7 +94,7 @@ def _dmm_emission(dataset, options) -> str:
     return options.get("likelihood") or ("bernoulli" if dataset.name == "jsb" else "gaussian")
 
 
-def _bnn(data, o):
+def bnn_model(data, o: dict):
     """An MLP (``hidden`` sizes, default one layer of 50) with the likelihood the task needs."""
     classification = data.task == "classification"
     likelihood = "categorical" if classification else (o.get("likelihood") or "gaussian")
@@ -134,7 +134,7 @@ MODELS: dict[str, ModelEntry] = {entry.name: entry for entry in [
         data.x_dim, o.get("z_dim", 1), data.u_dim),
         "linear-Gaussian state-space model: exact Kalman likelihood (the oracle)",
         _sequence_inputs, likelihoods=("gaussian",)),
-    ModelEntry("bnn", BNN, _bnn,
+    ModelEntry("bnn", BNN, bnn_model,
                "Bayesian MLP: priors on every weight; regression or classification (Neal 1996)",
                lambda batch, dataset, options: {"x": batch["x"], "y": batch["y"]},
                likelihoods=("gaussian", "heteroscedastic", "categorical")),
@@ -176,7 +176,7 @@ def train_bnn(dataset, method: str, options: dict, **fit_options):
     """Build a Bayesian MLP for ``dataset`` and train it with ``method`` (``inference.bnn.train``)."""
     from inference.bnn import train
 
-    model = _bnn(dataset, options)
+    model = bnn_model(dataset, options)
     guide, result = train(model, method, dataset.train, dataset.valid, options=options, **fit_options)
     return model, guide, result
 

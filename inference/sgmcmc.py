@@ -259,6 +259,7 @@ class ThinnedSamples:
         self.burn_in, self.thin, self.max_samples = int(burn_in), int(thin), max_samples
         self._steps: deque[int] = deque(maxlen=max_samples)
         self._samples: dict[str, deque[torch.Tensor]] = {}
+        self.seen = 0  # steps counted by ``record``
 
     def __len__(self) -> int:
         return len(self._steps)
@@ -276,6 +277,13 @@ class ThinnedSamples:
             self._samples.setdefault(name, deque(maxlen=self.max_samples)).append(value.detach().clone())
         self._steps.append(int(step))
         return True
+
+    def record(self, named_tensors: Mapping[str, torch.Tensor]) -> bool:
+        """Count one more step of the chain (the first is step 1) and ``offer`` it: for a caller
+        that does not number its steps, e.g. an optimizer's step hook. The count is part of the
+        state, so a resumed chain goes on numbering where it stopped."""
+        self.seen += 1
+        return self.offer(self.seen, named_tensors)
 
     def _check_names_and_shapes(self, named_tensors: Mapping[str, torch.Tensor]) -> None:
         _require(len(named_tensors) > 0, "offer needs at least one named tensor")
@@ -298,12 +306,13 @@ class ThinnedSamples:
         return {name: torch.stack(list(values)) for name, values in self._samples.items()}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Tensors only: settings, ``steps`` and ``samples.<name>`` (stacked)."""
+        """Tensors only: settings, ``steps``, the ``seen`` count and ``samples.<name>`` (stacked)."""
         state = {
             "burn_in": torch.tensor(self.burn_in),
             "thin": torch.tensor(self.thin),
             "max_samples": torch.tensor(-1 if self.max_samples is None else self.max_samples),
             "steps": self.steps,
+            "seen": torch.tensor(self.seen),
         }
         state.update({self._PREFIX + name: values for name, values in self.stacked().items()})
         return state
@@ -318,6 +327,7 @@ class ThinnedSamples:
             _require(len(value) == len(steps), f"{name!r} has {len(value)} samples for {len(steps)} steps")
         _require(bool(samples) or not steps, f"{len(steps)} steps recorded but no samples")
         self._steps = deque(steps, maxlen=self.max_samples)
+        self.seen = int(state["seen"])
         self._samples = {name: deque(value.unbind(0), maxlen=self.max_samples)
                          for name, value in samples.items()}
 

@@ -17,9 +17,10 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import pyro
 import torch
@@ -32,6 +33,12 @@ from inference.data import check_batch
 
 CHECKPOINT = "checkpoint.pt"
 FINAL_WEIGHTS = "weights.pt"
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 class NonFiniteLossError(RuntimeError):
@@ -165,14 +172,15 @@ def _elbo(estimator: type[ELBO], num_particles: int, plate_nesting: int) -> ELBO
                       max_plate_nesting=plate_nesting)
 
 
-def _save_atomically(state: dict, path: Path) -> None:
+def save_atomically(state: dict, path: Path) -> None:
+    """``torch.save`` to a temporary file, then rename: an interruption never leaves half a file."""
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
 
 
 def _checkpoint_state(model, guide, optimizer, schedule, generator, epoch, result, bad_epochs,
-                      best_state):
+                      best_state, extras: Mapping[str, Stateful]):
     return {
         "model": model.state_dict(),
         "guide": guide.state_dict(),
@@ -186,6 +194,7 @@ def _checkpoint_state(model, guide, optimizer, schedule, generator, epoch, resul
         "bad_epochs": bad_epochs,
         "best_model": best_state[0],
         "best_guide": best_state[1],
+        "extras": {name: extra.state_dict() for name, extra in extras.items()},
     }
 
 
@@ -213,6 +222,7 @@ def fit(model, guide, train: dict, valid: dict | None = None, *,
         patience: int | None = None, clip_norm: float | None = None, seed: int = 0, device: str = "cpu",
         run_dir: str | os.PathLike | None = None, resume: bool = False,
         batch_transform: Callable[[dict, torch.Generator], dict] | None = None,
+        checkpoint_extras: Mapping[str, Stateful] | None = None,
         x_dim: int | None = None, progress: bool = True) -> FitResult:
     """Fit a model/guide pair by stochastic variational inference.
 
@@ -237,6 +247,9 @@ def fit(model, guide, train: dict, valid: dict | None = None, *,
         resume: continue from ``run_dir/checkpoint.pt``.
         batch_transform: applied to every training minibatch with the data generator,
             e.g. dynamic binarization.
+        checkpoint_extras: objects that watch training from the optimizer's hooks (a sampler's
+            recorder, a weight tracker), by name: their ``state_dict()`` goes into every
+            checkpoint and ``load_state_dict`` restores it on resume, so they resume too.
         x_dim: expected size of the last dimension of ``x``, checked before training.
     """
     for name, data in (("train", train), ("valid", valid)):
@@ -281,6 +294,8 @@ def fit(model, guide, train: dict, valid: dict | None = None, *,
         schedule.load_state_dict(state["schedule"])
         torch.set_rng_state(state["torch_rng"].cpu())
         generator.set_state(state["data_rng"].cpu())
+        for name, extra in (checkpoint_extras or {}).items():
+            extra.load_state_dict(state["extras"][name])
         start_epoch, bad_epochs = state["epoch"] + 1, state["bad_epochs"]
         result.history, result.best_epoch = list(state["history"]), state["best_epoch"]
         best_state = (state["best_model"], state["best_guide"])
@@ -331,8 +346,9 @@ def fit(model, guide, train: dict, valid: dict | None = None, *,
         if progress:
             tqdm.write(_describe(row))
         if checkpoint_path is not None:
-            _save_atomically(_checkpoint_state(model, guide, opt, schedule, generator, epoch,
-                                               result, bad_epochs, best_state), checkpoint_path)
+            save_atomically(_checkpoint_state(model, guide, opt, schedule, generator, epoch, result,
+                                               bad_epochs, best_state, checkpoint_extras or {}),
+                             checkpoint_path)
         if patience is not None and bad_epochs >= patience:
             result.stopped_early = True
             break
@@ -340,7 +356,7 @@ def fit(model, guide, train: dict, valid: dict | None = None, *,
     if patience is not None:
         model.load_state_dict(best_state[0]), guide.load_state_dict(best_state[1])
     if run_dir is not None:
-        _save_atomically({"model": model.state_dict(), "guide": guide.state_dict()},
+        save_atomically({"model": model.state_dict(), "guide": guide.state_dict()},
                          run_dir / FINAL_WEIGHTS)
     model.eval(), guide.eval()
     return result

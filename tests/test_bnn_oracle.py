@@ -10,6 +10,7 @@ import json
 import pyro
 import pytest
 import torch
+from pyro.infer import MCMC
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
@@ -234,6 +235,9 @@ def test_cli_fits_every_bnn_guide(tmp_path, method):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["test"]["rmse"] > 0 and metrics["posterior_bytes"] > 0
     assert (tmp_path / "predictive.png").exists()
+    # `evaluate` rebuilds the posterior from posterior.pt alone and scores it as `fit` did
+    assert cli.main(["evaluate", str(tmp_path), "--predictive-samples", "20"]) == 0
+    assert json.loads((tmp_path / "evaluation.json").read_text()) == metrics["test"]
 
 
 def test_cli_resumes_an_interrupted_bnn_run(tmp_path, capsys):
@@ -267,10 +271,54 @@ def test_cli_reports_rhat_and_ess_for_several_sampler_chains(tmp_path):
     assert chains["count"] == 2 and chains["max_rhat"] > 0.9 and chains["min_ess"] > 0
 
 
-def test_cli_refuses_to_resume_a_sampler_run(tmp_path, capsys):
-    argv = ["fit", "bnn", "--guide", "sgld", "--data", "gap", "--out", str(tmp_path), "--resume"]
-    assert cli.main(argv) == cli.EXIT_USAGE
-    assert "does not hold its sampler's draws" in capsys.readouterr().err
+def _sampler_run(out, method: str, epochs: int, *extra) -> int:
+    lr = {"sgld": "1e-4", "sghmc": "1e-5"}.get(method, "0.01")
+    return cli.main(["fit", "bnn", "--guide", method, "--data", "gap", "--epochs", str(epochs),
+                     "--batch-size", "80", "--lr", lr, "--hidden", "8", "--out", str(out), "--no-progress",
+                     "--predictive-samples", "10", *extra])
+
+
+def _posterior(run_dir) -> dict:
+    return torch.load(run_dir / "posterior.pt", weights_only=True)["guide"]
+
+
+@pytest.mark.parametrize("method, chains", [("sgld", "2"), ("sghmc", "1"), ("tradi", "1")])
+def test_cli_resumes_a_sampler_or_tracker_run_to_the_uninterrupted_result(tmp_path, method, chains):
+    """The checkpoints hold each chain's draws so far (and SGHMC's momentum) or TRADI's tracker:
+    a run stopped after 2 epochs and resumed to 4 keeps exactly the draws of a 4-epoch run."""
+    extra = ("--chains", chains) if method != "tradi" else ()
+    assert _sampler_run(tmp_path / "cut", method, 2, *extra) == 0
+    assert _sampler_run(tmp_path / "cut", method, 4, *extra, "--resume") == 0
+    assert _sampler_run(tmp_path / "whole", method, 4, *extra) == 0
+    resumed, whole = _posterior(tmp_path / "cut"), _posterior(tmp_path / "whole")
+    assert resumed.keys() == whole.keys()
+    if method != "tradi":  # 4 draws per chain: the last step of every epoch, the burn-in epoch's too
+        assert all(len(value) == 4 * int(chains) for value in resumed.values())
+    for key in whole:
+        torch.testing.assert_close(resumed[key], whole[key], rtol=1e-5, atol=1e-7)
+
+
+def test_cli_resumes_nuts_from_its_finished_chains(tmp_path, monkeypatch):
+    argv = ("--noise", "0.1", "--nuts-max-tree-depth", "3", "--nuts-samples", "10", "--nuts-warmup", "10",
+            "--chains", "2")
+    assert _sampler_run(tmp_path, "nuts", 1, *argv) == 0
+    finished = _posterior(tmp_path)
+    # stopped during the second chain: its draws and the posterior were never written
+    (tmp_path / "nuts-chain1.pt").unlink(), (tmp_path / "posterior.pt").unlink()
+    runs = []
+    original = MCMC.run
+    monkeypatch.setattr(MCMC, "run", lambda self, *a, **k: runs.append(1) or original(self, *a, **k))
+    assert _sampler_run(tmp_path, "nuts", 1, *argv, "--resume") == 0
+    assert len(runs) == 1  # only the unfinished chain ran again, with its own seed: the same draws
+    for key, value in finished.items():
+        torch.testing.assert_close(_posterior(tmp_path)[key], value)
+
+
+def test_cli_evaluate_refuses_a_run_folder_without_a_posterior(tmp_path, capsys):
+    assert _sampler_run(tmp_path, "map", 1) == 0
+    (tmp_path / "posterior.pt").unlink()
+    assert cli.main(["evaluate", str(tmp_path)]) == cli.EXIT_USAGE
+    assert "posterior.pt" in capsys.readouterr().err
 
 
 def test_cli_rejects_an_invalid_bnn_pair(capsys):

@@ -407,6 +407,24 @@ def test_thinned_samples_state_dict_resumes_exactly():
         assert torch.equal(resumed.stacked()[name], value)
 
 
+def test_thinned_samples_record_numbers_steps_across_a_resume():
+    """``record`` numbers the steps itself (1, 2, ...); the count is in the state, so a resumed
+    recorder keeps the same steps as one that never stopped."""
+    def record(recorder, steps):
+        for step in steps:
+            recorder.record({"w": torch.full((2,), float(step))})
+
+    uninterrupted = ThinnedSamples(burn_in=4, thin=3)
+    record(uninterrupted, range(1, 15))
+    first_part = ThinnedSamples(burn_in=4, thin=3)
+    record(first_part, range(1, 9))
+    resumed = ThinnedSamples(burn_in=4, thin=3)
+    resumed.load_state_dict(_checkpoint_roundtrip(first_part.state_dict()))
+    record(resumed, range(9, 15))
+    assert resumed.steps.tolist() == uninterrupted.steps.tolist() == [4, 7, 10, 13]
+    assert torch.equal(resumed.stacked()["w"], uninterrupted.stacked()["w"])
+
+
 def test_thinned_samples_refuses_mismatches():
     recorder = ThinnedSamples(burn_in=0, thin=1)
     _offer_steps(recorder, range(2))
