@@ -14,7 +14,10 @@ Flipout, MC dropout, a 5-member deep ensemble, last-layer Laplace, SGLD, SGHMC, 
    net (13-50-1) during their quality runs, and, in the full mode, on a wider net (784-400-400-8,
    mnist5k) where the arithmetic outweighs the per-step overhead. SGLD and SGHMC use their own
    optimizers (not Adam), the ensemble trains its 5 members in each step, Laplace's epochs are
-   MAP epochs (its Hessian comes after training and is timed separately).
+   MAP epochs (its Hessian comes after training and is timed separately). A second reference,
+   ``train_handwritten_meanfield``, is Bayes by Backprop written by hand in plain PyTorch (no Pyro)
+   in the same loop: its ratio to the plain network is the method's own arithmetic, the library
+   mean-field's ratio to it is what Pyro adds (timing only, no quality scores).
 2. **Boston housing** (Hernandez-Lobato & Adams 2015: 90/10 splits, a 13-50-1 ReLU net, RMSE
    and Gaussian NLL in the data's units, mean and standard error over ``--splits`` splits).
 3. **Digits** (8x8 scikit-learn digits; classes 8 and 9 held out as out-of-distribution
@@ -65,7 +68,8 @@ WIDE_METHODS = ("map", "meanfield", "lrt", "flipout", "mcdropout", "ensemble", "
 LABELS = {"plain": "plain PyTorch MLP", "map": "MAP", "meanfield": "mean-field (BBB)",
           "lrt": "mean-field + local reparam.", "flipout": "mean-field + Flipout", "mcdropout": "MC dropout",
           "ensemble": "deep ensemble", "laplace": "Laplace", "sgld": "SGLD", "sghmc": "SGHMC",
-          "tradi": "TRADI", "nuts": "NUTS"}
+          "tradi": "TRADI", "nuts": "NUTS", "meanfield_by_hand": "mean-field by hand in PyTorch (no Pyro)"}
+BY_HAND = "meanfield_by_hand"  # timing only: train_handwritten_meanfield, in the speed table and ratios
 TARGETS = {"meanfield": ("plain", 3.0), "lrt": ("meanfield", 2.0), "flipout": ("meanfield", 2.0)}
 
 
@@ -142,34 +146,77 @@ def median_or_nan(values: list[float]) -> float:
     return statistics.median(values) if values else math.nan
 
 
-def train_plain(net: nn.Module, data: dict, task: str, epochs: int, batch_size: int, lr: float,
-                seed: int) -> dict:
-    """The plain PyTorch loop: Adam, MSE or cross-entropy, the minibatch order ``fit`` uses."""
+def timed_epochs(step, data: dict, epochs: int, batch_size: int, seed: int) -> dict:
+    """The loop of the plain references: ``step(index)`` trains on one minibatch and returns its
+    summed loss; the minibatch order is the one ``fit`` uses. Returns the timing dict."""
     pyro.set_rng_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam(net.parameters(), lr=lr)
-    x, y = data["x"], data["y"]
+    n = len(data["x"])
     wall, cpu, losses = [], [], []
-    net.train()
     for _ in range(epochs):
         started, started_cpu, total = time.perf_counter(), time.process_time(), 0.0
-        order = torch.randperm(len(x), generator=generator)
-        for start in range(0, len(x), batch_size):
-            index = order[start:start + batch_size]
-            out = net(x[index])
-            loss = F.mse_loss(out[:, 0], y[index]) if task == "regression" else F.cross_entropy(out, y[index])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(index)
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n, batch_size):
+            total += step(order[start:start + batch_size])
         wall.append(time.perf_counter() - started)
         cpu.append(time.process_time() - started_cpu)
-        losses.append(total / len(x))
-    net.eval()
+        losses.append(total / n)
     return {"epoch_wall_seconds": wall, "epoch_cpu_seconds": cpu, "train_loss": losses,
             "seconds_per_epoch": median_or_nan(after_warmup(wall)),
             "cpu_seconds_per_epoch": median_or_nan(after_warmup(cpu)),
             "train_seconds": sum(wall), "load_average": os.getloadavg()}
+
+
+def train_plain(net: nn.Module, data: dict, task: str, epochs: int, batch_size: int, lr: float,
+                seed: int) -> dict:
+    """The plain PyTorch loop: Adam, MSE or cross-entropy, the minibatch order ``fit`` uses."""
+    optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+    x, y = data["x"], data["y"]
+
+    def step(index: torch.Tensor) -> float:
+        out = net(x[index])
+        loss = F.mse_loss(out[:, 0], y[index]) if task == "regression" else F.cross_entropy(out, y[index])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return loss.item() * len(index)
+
+    net.train()
+    timing = timed_epochs(step, data, epochs, batch_size, seed)
+    net.eval()
+    return timing
+
+
+def train_handwritten_meanfield(net: nn.Module, data: dict, task: str, epochs: int, batch_size: int,
+                                lr: float, seed: int, prior_scale: float) -> dict:
+    """Bayes by Backprop written by hand in plain PyTorch (no Pyro): a timing reference, not a method.
+
+    It shows how much of mean-field's cost against ``train_plain`` is the method's own arithmetic
+    (per weight a normal draw, a softplus, w = mu + sigma * eps, the KL, Adam on twice the
+    parameters) and how much is Pyro. Same loop, Adam, lr and minibatches as ``train_plain``;
+    mu starts at the net's weights, sigma = softplus(rho) at 0.01 (as ``guides/mean_field.py``);
+    loss: summed NLL (unit-variance Gaussian or cross-entropy) + batch/N * KL(q || N(0, prior_scale^2)).
+    """
+    mu = {k: v.detach().clone().requires_grad_() for k, v in net.named_parameters()}
+    rho = {k: torch.full_like(v, math.log(math.expm1(0.01))).requires_grad_() for k, v in mu.items()}
+    optimizer = torch.optim.Adam([*mu.values(), *rho.values()], lr=lr)
+    x, y = data["x"], data["y"]
+
+    def step(index: torch.Tensor) -> float:
+        sigma = {k: F.softplus(r) for k, r in rho.items()}
+        weights = {k: mu[k] + s * torch.randn_like(s) for k, s in sigma.items()}
+        out = torch.func.functional_call(net, weights, (x[index],))
+        nll = (0.5 * (out[:, 0] - y[index]).pow(2).sum() if task == "regression"
+               else F.cross_entropy(out, y[index], reduction="sum"))
+        kl = sum((math.log(prior_scale) - s.log() + (s**2 + mu[k]**2) / (2 * prior_scale**2) - 0.5).sum()
+                 for k, s in sigma.items())
+        loss = nll + len(index) / len(x) * kl
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    return timed_epochs(step, data, epochs, batch_size, seed)
 
 
 def run_method(model, method: str, data: dict, cfg: Config, epochs: int, batch_size: int, lr: float,
@@ -215,6 +262,14 @@ def targets(timings: dict[str, dict]) -> dict[str, dict]:
             out[method] = {"against": reference, "limit": limit, "ratio": ratio, "cpu_ratio": cpu,
                            "met": ratio <= limit, "met_cpu": cpu <= limit}
     return out
+
+
+def by_hand_ratios(timings: dict[str, dict]) -> dict:
+    """The hand-written mean-field against plain, and the library's mean-field against it."""
+    hand, pyro_mf = timings[BY_HAND], timings["meanfield"]
+    return {"hand_vs_plain": hand["ratio"], "hand_vs_plain_cpu": hand["cpu_ratio"],
+            "meanfield_vs_hand": pyro_mf["seconds_per_epoch"] / hand["seconds_per_epoch"],
+            "meanfield_vs_hand_cpu": pyro_mf["cpu_seconds_per_epoch"] / hand["cpu_seconds_per_epoch"]}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -303,8 +358,14 @@ def boston(cfg: Config) -> dict:
             "train_seconds": statistics.fmean(r["train_seconds"] for r in runs),
             "timing_split_0": {k: v for k, v in runs[0].items() if k not in ("rmse", "nll", "split")},
         }
-    speed = with_ratios({m: s["timing_split_0"] for m, s in summary.items()})
+    data = load_supervised("boston", split=0)
+    hand = train_handwritten_meanfield(make_pair(data, hidden, cfg, cfg.seed)[1], data.train, data.task,
+                                       cfg.boston_epochs, cfg.boston_batch_size, cfg.boston_lr, cfg.seed,
+                                       cfg.prior_scale)
+    speed = with_ratios({"plain": summary["plain"]["timing_split_0"], BY_HAND: hand,
+                         **{m: s["timing_split_0"] for m, s in summary.items() if m != "plain"}})
     return {"summary": summary, "runs": rows, "speed": speed, "targets": targets(speed),
+            "by_hand": by_hand_ratios(speed),
             "net": f"13-{cfg.boston_hidden}-1", "splits": cfg.splits}
 
 
@@ -327,8 +388,12 @@ def digits(cfg: Config) -> dict:
                         "ece": scores["ece"], "ood_auroc_entropy": scores["ood"]["entropy"]["auroc"],
                         "ood": scores["ood"], "predictive_samples": samples, "memory_bytes": memory,
                         "timing": timing}
-    speed = with_ratios({m: r["timing"] for m, r in rows.items()})
-    return {"rows": rows, "speed": speed, "targets": targets(speed),
+    hand = train_handwritten_meanfield(make_pair(data, hidden, cfg, cfg.seed)[1], data.train, data.task,
+                                       cfg.digits_epochs, cfg.digits_batch_size, cfg.digits_lr, cfg.seed,
+                                       cfg.prior_scale)
+    speed = with_ratios({"plain": rows["plain"]["timing"], BY_HAND: hand,
+                         **{m: r["timing"] for m, r in rows.items() if m != "plain"}})
+    return {"rows": rows, "speed": speed, "targets": targets(speed), "by_hand": by_hand_ratios(speed),
             "net": f"64-{cfg.digits_hidden}-{cfg.digits_hidden}-8",
             "sizes": {s: len(data.split(s)["y"]) for s in ("train", "valid", "test")},
             "ood_size": len(data.ood["x"])}
@@ -339,16 +404,20 @@ def wide(cfg: Config) -> dict:
     data = load_supervised("mnist5k")
     hidden = (cfg.wide_hidden, cfg.wide_hidden)
     timings = {}
-    for method in tqdm(("plain", *WIDE_METHODS), desc="wide-net timing"):
+    for method in tqdm(("plain", BY_HAND, *WIDE_METHODS), desc="wide-net timing"):
         model, net = make_pair(data, hidden, cfg, cfg.seed)
         if method == "plain":
             timings[method] = train_plain(net, data.train, data.task, cfg.wide_epochs, cfg.wide_batch_size,
                                           1e-3, cfg.seed)
+        elif method == BY_HAND:
+            timings[method] = train_handwritten_meanfield(net, data.train, data.task, cfg.wide_epochs,
+                                                          cfg.wide_batch_size, 1e-3, cfg.seed,
+                                                          cfg.prior_scale)
         else:
             timings[method] = run_method(model, method, data.train, cfg, cfg.wide_epochs,
                                          cfg.wide_batch_size, 1e-3, cfg.seed)[1]
     speed = with_ratios(timings)
-    return {"speed": speed, "targets": targets(speed),
+    return {"speed": speed, "targets": targets(speed), "by_hand": by_hand_ratios(speed),
             "net": f"784-{cfg.wide_hidden}-{cfg.wide_hidden}-8", "train_size": len(data.train["y"])}
 
 
@@ -418,7 +487,9 @@ def speed_table(report: dict) -> list[str]:
     if wide_net:
         header += f" mnist5k {wide_net}: s/epoch | x plain (wall / CPU) |"
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
-    for method in ("plain", *METHODS):
+    for method in ("plain", BY_HAND, *METHODS):
+        if method not in d:  # a report written before the hand-written row existed
+            continue
         row = d[method]
         line = (f"| {LABELS[method]} | {row['seconds_per_epoch']:.3f} | {row['ratio']:.1f}x | "
                 f"{row['cpu_ratio']:.1f}x | {row['load_average'][0]:.1f} | "
@@ -446,6 +517,13 @@ def target_lines(report: dict) -> list[str]:
                          f"({'met' if t['met'] else 'NOT met'})")
         head = f"* {LABELS[method]} within {limit:g}x of {LABELS[reference]}: "
         lines.append(head + "; ".join(parts) + ".")
+    for name, block in blocks:
+        if "by_hand" in block:
+            r = block["by_hand"]
+            lines.append(f"* {name} ({block['net']}): mean-field written by hand in PyTorch "
+                         f"{r['hand_vs_plain']:.1f}x plain ({r['hand_vs_plain_cpu']:.1f}x CPU); library "
+                         f"(Pyro) mean-field {r['meanfield_vs_hand']:.1f}x the hand-written one "
+                         f"({r['meanfield_vs_hand_cpu']:.1f}x CPU).")
     return lines
 
 
@@ -477,7 +555,11 @@ def markdown(report: dict) -> str:
         "Same layers and initial weights, Adam, learning rate, batch size, minibatch order and data; "
         "one run each; median over the epochs after the first (wall: `fit`'s per-epoch `seconds`; CPU: "
         "this process's CPU time per epoch). The load average is the 1-minute figure when the method "
-        "finished.",
+        "finished."
+        + (" \"Mean-field by hand\" is Bayes by Backprop written out in plain PyTorch "
+           "(`train_handwritten_meanfield`: a normal draw, a softplus and w = mu + sigma * eps per weight, "
+           "the closed-form KL, Adam on mu and rho; Boston: unit noise variance): a timing reference, "
+           "not a method of the library." if BY_HAND in dig["speed"] else ""),
         "",
         *speed_table(report),
         "",
