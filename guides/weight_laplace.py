@@ -32,6 +32,22 @@ Laplace approximation of the marginal likelihood (MacKay's evidence), over a log
 Only the last three terms depend on tau, and with the eigenvalues (or diagonal) g_i of the GGN,
 log det Lambda(tau) = sum_i log(g_i + tau), so the whole grid costs one decomposition.
 Positive scale sites (noise, hierarchical scales) stay at their MAP values.
+
+Measured on digits (``benchmarks/bnn.py``: 64-100-100-8 ReLU net, N(0, 1) prior on every weight,
+30 epochs of Adam; last layer, d = 808; seeds 0-4), the evidence picks tau = 2.5 for every seed
+(MacKay's fixed point tau = gamma / |w*|^2, gamma = sum_i g_i / (g_i + tau) ~ 43 effective
+parameters, gives 2.7), and the predictive is *underconfident*: test ECE 0.037-0.048 against
+the MAP network's 0.015-0.021 (mean confidence 3-4 points below accuracy), NLL +0.025, OOD AUROC
++0.001 to +0.006. That is the method, not an error: the GGN and the evidence agree with autograd
+(``tests/test_weight_laplace.py``), 10,000 predictive draws instead of 100 change nothing (seed
+0: ECE 0.054), and the MAP network is already calibrated (confidence - accuracy = +0.001), so any
+weight uncertainty pushes it below. Trained 300 epochs (nearer a mode: after 30, the last layer's
+|grad NLL + w*| is still 8.8 |w*|), the evidence gives tau = 1 and the picture is the same (ECE
+0.075 against 0.022). The validation NLL falls monotonically in tau over 1e-2..1e4 for all five
+seeds: a tau chosen on it is the grid's upper edge, i.e. the MAP's predictions, so that choice is
+not offered. The probit approximation softmax(f / sqrt(1 + pi/8 var f)) of Laplace Redux does
+worse here (ECE 0.15): the per-logit variances include the shift of all logits together, which
+the softmax ignores and the sampled GLM predictive handles exactly.
 """
 
 from __future__ import annotations
