@@ -232,7 +232,6 @@ def _nuts(model, train: dict, options: dict, fit_options: dict) -> WeightSamples
     return guide
 
 
-
 # ----------------------------------------------------------------------------------------------
 # The fitted posterior on disk
 

@@ -249,9 +249,6 @@ def _noise(text: str):
     return value
 
 
-# SVI from start to end (Laplace: its MAP phase), so fit's checkpoint is everything a run needs.
-
-
 def _bnn_options(args) -> dict:
     if args.likelihood == "bernoulli" or not 0 <= args.dropout < 1:
         raise UsageError("bnn likelihoods: gaussian or heteroscedastic (regression; classification "

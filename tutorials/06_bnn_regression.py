@@ -179,7 +179,7 @@ plt.show()
 # | method | $q(w)$ | how it is fitted |
 # |---|---|---|
 # | `map` | a point, $\delta(w - \hat w)$ | maximize $\log p(w, \mathcal{D})$: the baseline, no epistemic uncertainty |
-# | `meanfield` | $\prod_i \mathcal{N}(\mu_i, \sigma_i^2)$ | Bayes by Backprop (Blundell et al. 2015): maximize the ELBO with one reparameterized weight sample per step |
+# | `meanfield` | $\prod_i \mathcal{N}(\mu_i, \sigma_i^2)$ | Bayes by Backprop (Blundell et al. 2015): maximize the ELBO with one reparameterized weight sample per step for the likelihood term; the KL to the prior in closed form (Pyro's `TraceMeanField_ELBO`) |
 # | `lrt` | same | the same ELBO, but each layer samples its *pre-activations* per example (local reparameterization, Kingma et al. 2015): lower gradient variance |
 # | `flipout` | same | one weight sample, decorrelated across examples by random sign flips (Wen et al. 2018) |
 # | `mcdropout` | Bernoulli masks on a point | dropout kept on at test time (Gal & Ghahramani 2016) |
