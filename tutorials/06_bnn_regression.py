@@ -285,7 +285,7 @@ for method, seconds, rmse, nll, sd_data, sd_gap, sd_out, noise in rows:
 #   from the initialisation; it is still fitting, not yet sampling (a separate run of 20,000
 #   full-batch steps reached noise sd 0.23, still far above the 0.11 of the methods that fit).
 # * **In-between uncertainty.** Only NUTS widens clearly in the gap: its epistemic sd is 0.06
-#   there against 0.03 on the data. Laplace (last layer) is nearly flat across the gap (0.028
+#   there against 0.03 on the data. Laplace (last layer) is nearly flat across the gap (0.029
 #   against 0.025), the ensemble's five members agree almost exactly (sd below 0.015
 #   everywhere: five weight-decayed ReLU networks draw the same line between the clusters) and
 #   TRADI's band is invisible. The mean-field family and MC dropout do the opposite of what we
@@ -295,8 +295,8 @@ for method, seconds, rmse, nll, sd_data, sd_gap, sd_out, noise in rows:
 #   a point between two inputs cannot exceed the sum of the variances at those inputs, so these
 #   approximations cannot express in-between uncertainty at all.
 # * **Away from the data** (|x| > 1.05) Laplace, MC dropout and NUTS grow their epistemic band
-#   (sd 0.10 to 0.13), the mean-field family and SGLD more (0.25 to 0.32, around a wrong
-#   mean), the ensemble and TRADI barely (0.01). No method follows the true cubic out there,
+#   (sd 0.10 to 0.13), the mean-field family more (0.27 to 0.32, around a wrong mean), SGLD
+#   0.17, the ensemble and TRADI barely (0.01). No method follows the true cubic out there,
 #   and none is wide enough to cover it: the prior of a ReLU network extrapolates straight lines.
 # * **Scores.** NUTS has the best test NLL (-0.49), then Laplace (-0.20), TRADI and MAP: on this
 #   test set, whose hard points are in the gap, a little honest width pays. The mean-field

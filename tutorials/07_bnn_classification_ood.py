@@ -338,7 +338,7 @@ print(f"Laplace: {near_prior:.0%} of the {len(eigenvalues)} covariance eigenvalu
 # * **Calibration.** With the prior of Section 2 the MAP network is already well calibrated
 #   (ECE 0.016, confidence 0.987 at accuracy 0.980). MC dropout has the lowest NLL (0.061);
 #   the ensemble and TRADI are indistinguishable from MAP in every column. Three methods are
-#   **under**confident: the mean-field guide (confidence 0.93 at accuracy 0.985), SGLD (0.94
+#   **under**confident: the mean-field guide (confidence 0.93 at accuracy 0.975), SGLD (0.94
 #   at 0.975) and, most of all, the last-layer Laplace approximation (0.83 at 0.98, ECE 0.15,
 #   the highest NLL). For Laplace the printed eigenvalues say why: the evidence chose a prior
 #   precision $\tau = 0.63$ (tighter than the model's 0.11), but 92% of the 808 covariance
@@ -347,13 +347,14 @@ print(f"Laplace: {near_prior:.0%} of the {len(eigenvalues)} covariance eigenvalu
 #   last layer; in all the others the weights are drawn with the prior's standard deviation of
 #   1.26, and the averaged predictions lose confidence. The same guide family
 #   trained with Flipout instead of one shared weight sample per minibatch is better fitted
-#   after the same 100 epochs (NLL 0.069 against 0.105).
+#   after the same 100 epochs (NLL 0.066 against 0.109).
 # * **OOD detection by entropy** is 0.92–0.98 for every method, MAP included (0.958): a softmax
 #   network is already less confident on shapes it has not seen. The paired bootstrap compares
-#   each method with MAP on the same resampled images: only Flipout does better (+0.022 ±
-#   0.010); the ensemble, MC dropout, Laplace and TRADI are within a few thousandths of MAP, and
-#   the mean-field guide and SGLD are *worse* (−0.026 ± 0.010 and −0.041 ± 0.015), consistent
-#   with their lower confidence on the test images, which brings those closer to the OOD ones.
+#   each method with MAP on the same resampled images: only Flipout does better (+0.018 ±
+#   0.008); the ensemble, MC dropout, Laplace and TRADI are within a few thousandths of MAP, the
+#   mean-field guide is within one standard error below it (−0.011 ± 0.011), and SGLD is *worse*
+#   (−0.041 ± 0.015), consistent with its lower confidence on the test images, which brings
+#   those closer to the OOD ones.
 # * **Mutual information**, available only with more than one weight sample, detects OOD
 #   images about as well as the entropy for every method here (within 0.01 of it).
 # * **Memory** spans two orders of magnitude: MAP and MC dropout store one network (29 KB);
@@ -386,10 +387,10 @@ print("test images with confidence below 0.9: " + ", ".join(
 # The printed counts say how much of each panel is more than one bin. MAP, MC dropout, the
 # ensemble and TRADI give 5–7 of the 203 test images a confidence below 0.9; everything else is
 # in the top bins, which are on the diagonal, and their lower bars hold one or two images each,
-# too few to read anything from. The Laplace approximation gives 143 images a confidence below
+# too few to read anything from. The Laplace approximation gives 139 images a confidence below
 # 0.9, and its bars stand above the diagonal across the middle bins: those images are right
-# more often than the model says, the underconfidence of the table. The mean-field guide (35
-# images), SGLD (28) and Flipout (23) show the same pattern on a smaller scale.
+# more often than the model says, the underconfidence of the table. The mean-field guide (37
+# images), SGLD (28) and Flipout (25) show the same pattern on a smaller scale.
 #
 # ## 5. Entropy on seen and unseen classes
 #
@@ -433,7 +434,7 @@ for digit in (8, 9):
 # (ensemble) of the 47 OOD images get a confident label, entropy below 0.1 nats — those are the
 # AUROC's misses. The five ensemble members, trained from different initialisations on the same
 # images, mostly agree on the unseen digits too. Flipout moves the OOD histogram to the right
-# (median 1.15 nats, none below 0.1) but also spreads the test images out of the spike, and
+# (median 1.00 nats, none below 0.1) but also spreads the test images out of the spike, and
 # the AUROC is the net of the two. No method comes near $\log 8$: an unseen digit is mistaken
 # for a few of the known ones, not for all eight alike — MAP calls half of the 8s a 3 and a
 # third of them a 1, and 16 of the 23 nines a 3.
@@ -477,7 +478,7 @@ for m in METHODS:
 print("accuracy at the largest angle: " + ", ".join(f"{m} {shift[m]['accuracy'][-1]:.2f}" for m in METHODS))
 
 # %% [markdown]
-# Accuracy falls with the angle for every method alike, from 0.98 to 0.11–0.13 at 90 degrees
+# Accuracy falls with the angle for every method alike, from 0.98 to 0.11 at 90 degrees
 # (chance is 0.125): an MLP on 64 pixels has no notion of rotation. The uncertainty does not
 # follow it. For MAP, MC dropout, the ensemble and TRADI — whose curves lie on top of each other
 # — the mean entropy rises to about 0.4 nats at 30 degrees and then falls back to almost zero:
@@ -486,9 +487,9 @@ print("accuracy at the largest angle: " + ", ".join(f"{m} {shift[m]['accuracy'][
 # data, and averaging five networks or dropout masks does not change it here. The Gaussian
 # posteriors with the widest spread — mean-field, Flipout and Laplace, the three least confident
 # on clean images apart from SGLD — keep their entropy at 0.6–0.8 nats out to 90 degrees and
-# end with a lower ECE (Flipout 0.61, mean-field 0.71, Laplace 0.73); SGLD lies in between
+# end with a lower ECE (Flipout 0.64, mean-field 0.66, Laplace 0.73); SGLD lies in between
 # (0.84). The groups cross between 15 and 30 degrees: at 15 degrees the well-calibrated group
-# still has the lower ECE (0.04–0.05 against 0.09–0.21), at 30 degrees it has jumped to 0.33 while
+# still has the lower ECE (0.04–0.05 against 0.09–0.20), at 30 degrees it has jumped to 0.33 while
 # the underconfident group is at 0.08–0.17. No method stays calibrated under a large shift.
 #
 # ## 7. Looking at the posterior with ArviZ
@@ -535,14 +536,14 @@ print("posterior sd of the output biases, SGLD / mean-field: "
 
 # %% [markdown]
 # The mean-field summary is what independent draws give: R-hat 1.00 and a bulk ESS of 879 to
-# 1,055 for 1,000 draws. One of its four weights keeps a standard deviation of 2.0, not far
+# 1,055 for 1,000 draws. One of its four weights keeps a standard deviation of 1.7, not far
 # from its prior's 3: the data hardly constrain it. The SGLD chain tells a different story. Its
 # 70 kept samples are worth 3 to 22 independent draws (bulk ESS), and the R-hat between the
 # chain's first and second halves reaches 1.06–2.25, far above the usual 1.01 threshold: in the
 # trace plot the biases drift slowly and steadily rather than fluctuate around a stable level.
 # After 70 epochs at this step size the chain has not mixed, so the spread of its samples is
 # the distance it has wandered, not the posterior's width. The last line shows what that does:
-# SGLD's output biases vary 0.2–0.4 times as much as the mean-field guide's. Neither number is
+# SGLD's output biases vary 0.2–0.5 times as much as the mean-field guide's. Neither number is
 # the posterior standard deviation; the diagnostics say that only one of them, the SGLD chain,
 # is known not to be — which is exactly what R-hat and ESS are for.
 #
@@ -603,14 +604,14 @@ khat_laplace = describe("Laplace over the 808 last-layer weights (first layer fi
                         laplace_log_lik)
 
 # %% [markdown]
-# The mean-field fit's $\hat k$ is 28.6, far beyond 0.7 (any $\hat k > 1$ means a tail so heavy
+# The mean-field fit's $\hat k$ is 25.9, far beyond 0.7 (any $\hat k > 1$ means a tail so heavy
 # that even the mean of the weights would not exist), and the other numbers say the same in
-# plainer words: the log importance weights of 2,000 draws span 3,401 nats, so the single
+# plainer words: the log importance weights of 2,000 draws span 5,695 nats, so the single
 # largest draw carries all of the normalised weight (1.000 to three decimals) and the
 # importance-sampling effective sample size is 1. An estimate of anything under the posterior
 # built from these draws would rest on one of them. Much of the spread is visible in the fit
 # to the training data alone: the MAP network has a training NLL of 0.002 nats per image, the
-# mean-field draws a median of 0.31 and a 90th percentile of 0.71 — over a thousand images,
+# mean-field draws a median of 0.34 and a 90th percentile of 0.80 — over a thousand images,
 # hundreds of nats from one draw to the next. In 7,208 dimensions the posterior of a
 # neural network is correlated, skewed by the softmax and, through the symmetries of hidden
 # units, multimodal; a product of independent Gaussians does not cover it, even when its
@@ -639,13 +640,13 @@ khat_laplace = describe("Laplace over the 808 last-layer weights (first layer fi
 #   SGLD and, most of all, the evidence-tuned last-layer Laplace approximation are
 #   underconfident.
 # * Held-out digits are detected by predictive entropy with an AUROC of 0.92–0.98 by every
-#   method, MAP 0.958; only Flipout beats MAP by about two paired standard errors, and the
-#   underconfident methods do worse.
+#   method, MAP 0.958; only Flipout beats MAP by about two paired standard errors, and SGLD,
+#   the least mixed of the underconfident methods, does worse.
 # * Under rotation every method loses accuracy at the same rate. MAP, MC dropout, the
 #   ensemble and TRADI become confidently wrong (ECE near 0.9 at 90 degrees); the mean-field,
 #   Flipout and Laplace Gaussians keep more entropy and end with a lower, still large, ECE.
 # * ArviZ and PSIS judge the posterior itself: a mean-field $q$ that predicts well is far from
-#   the posterior over 7,208 weights ($\hat k$ 28.6, one effective draw in 2,000), and an SGLD
+#   the posterior over 7,208 weights ($\hat k$ 25.9, one effective draw in 2,000), and an SGLD
 #   chain of 70 epochs has not mixed (R-hat up to 2.25, ESS down to 3). Good predictive numbers
 #   are not evidence of a good posterior.
 
