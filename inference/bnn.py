@@ -238,6 +238,33 @@ def _nuts(model, train: dict, options: dict, fit_options: dict) -> WeightSamples
 POSTERIOR = "posterior.pt"
 
 
+def method_options(method: str, options: dict) -> dict:
+    """``options`` as ``method`` runs them: NUTS samples sample sites only, so a learned noise
+    scale (a parameter it would leave at its initial value) becomes a sampled one with a prior."""
+    if method == "nuts" and options.get("noise", "learned") == "learned":
+        return {**options, "noise": "prior"}
+    return dict(options)
+
+
+def saved_progress(run_dir: str | os.PathLike) -> bool:
+    """Whether a run folder holds anything a resumed run continues from: an epoch checkpoint, a
+    finished posterior, a finished NUTS chain."""
+    run_dir = Path(run_dir)
+    return any((run_dir / name).exists() for name in (CHECKPOINT, POSTERIOR)) or \
+        any(run_dir.glob("nuts-chain*.pt"))
+
+
+def score_posterior(model, guide, dataset, predictive_samples: int, seed: int) -> dict:
+    """Test scores (``inference.predictive.score``) from a seeded random stream, so scoring a
+    posterior rebuilt by ``load_posterior`` repeats them. Sample-set guides (ensemble, SGLD,
+    SGHMC, NUTS) predict with each member once."""
+    from inference.predictive import score
+    from inference.svi import set_seed
+
+    set_seed(seed)
+    return score(model, guide, dataset, num_samples=getattr(guide, "num_members", predictive_samples))
+
+
 def save_posterior(path: str | os.PathLike, model, guide) -> None:
     """Write the model's and the final guide's tensors (weights, draws, Laplace factors, TRADI's
     means and scales) to ``path``: what ``load_posterior`` needs to predict without training."""

@@ -21,8 +21,15 @@ from pathlib import Path
 import torch
 
 from inference import registry
-from inference.bnn import POSTERIOR, load_posterior, save_posterior
-from inference.svi import CHECKPOINT, FINAL_WEIGHTS, NonFiniteLossError, fit, load_weights
+from inference.bnn import (
+    POSTERIOR,
+    load_posterior,
+    method_options,
+    save_posterior,
+    saved_progress,
+    score_posterior,
+)
+from inference.svi import FINAL_WEIGHTS, NonFiniteLossError, fit, load_weights
 
 EXIT_USAGE = 2
 # Validation and test sets are binarized once with this seed under dynamic binarization,
@@ -265,9 +272,7 @@ def _bnn_options(args) -> dict:
 
 def _fit_bnn(args, run_dir: Path) -> int:
     """Train a Bayesian MLP with the chosen method and score it on the test split."""
-    options = _bnn_options(args)
-    if args.guide == "nuts" and options["noise"] == "learned":
-        options["noise"] = "prior"  # NUTS samples sites only: the noise gets a prior
+    options = method_options(args.guide, _bnn_options(args))
     fit_options = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
                    "lr_decay": args.lr_decay, "patience": args.patience, "clip_norm": args.clip_norm,
                    "seed": args.seed}
@@ -289,7 +294,7 @@ def _fit_bnn(args, run_dir: Path) -> int:
     save_posterior(run_dir / POSTERIOR, model, guide)
     metrics = {"config": config, "history": result.history if result else [], "train_seconds": seconds,
                "posterior_bytes": memory_bytes(guide), "hardware": _hardware(args.device),
-               "test": _score_bnn(model, guide, dataset, args.predictive_samples, args.seed)}
+               "test": score_posterior(model, guide, dataset, args.predictive_samples, args.seed)}
     chains = getattr(guide, "chains", None)
     if chains is not None and len(next(iter(chains.values()))) >= 2:
         from inference import diagnostics
@@ -302,16 +307,6 @@ def _fit_bnn(args, run_dir: Path) -> int:
     print(_bnn_summary(metrics["test"]))
     print(f"run folder: {run_dir}")
     return 0
-
-
-def _score_bnn(model, guide, dataset, predictive_samples: int, seed: int) -> dict:
-    """Test scores, from a seeded random stream: ``evaluate`` on the saved posterior repeats them.
-    Sample-set guides (ensemble, SGLD, SGHMC, NUTS) predict with each member once."""
-    from inference.predictive import score
-    from inference.svi import set_seed
-
-    set_seed(seed)
-    return score(model, guide, dataset, num_samples=getattr(guide, "num_members", predictive_samples))
 
 
 def _bnn_summary(scores: dict) -> str:
@@ -358,7 +353,7 @@ def _fit(args) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device} asked for, but torch sees no CUDA device")
     run_dir = args.out or Path("runs") / f"{args.model}-{args.guide}-{args.data}-seed{args.seed}"
-    if _holds_a_run(run_dir) and not args.resume:
+    if saved_progress(run_dir) and not args.resume:
         raise UsageError(f"{run_dir} already holds a run; pass --resume to continue it "
                          "or --out to start another")
     if registry.model_entry(args.model).family == registry.BNN:
@@ -395,13 +390,6 @@ def _fit(args) -> int:
     return 0
 
 
-def _holds_a_run(run_dir: Path) -> bool:
-    """Whether a run wrote something there that a new run would overwrite (an epoch checkpoint,
-    a finished posterior, a finished NUTS chain)."""
-    return any((run_dir / name).exists() for name in (CHECKPOINT, POSTERIOR)) or \
-        any(run_dir.glob("nuts-chain*.pt"))
-
-
 def _compare(args) -> int:
     from inference.compare import CompareError, compare
 
@@ -412,21 +400,19 @@ def _compare(args) -> int:
                    "lr_decay": args.lr_decay, "num_particles": args.num_particles,
                    "kl_anneal_epochs": args.kl_anneal, "patience": args.patience,
                    "clip_norm": args.clip_norm, "seed": args.seed}
-    if registry.model_entry(args.model).family == registry.BNN:
-        from inference.compare import compare_bnn
-
-        fit_options.pop("num_particles"), fit_options.pop("kl_anneal_epochs")
-        rows = compare_bnn(args.guides, args.data, options=_bnn_options(args), fit_options=fit_options,
-                           out=out, split=args.split, num_samples=args.predictive_samples,
-                           progress=not args.no_progress)
-        print((out / "compare.md").read_text())
-        print(f"comparison folder: {out}")
-        return 1 if any(row["status"].startswith("stopped") for row in rows) else 0
     try:
-        rows = compare(args.model, args.guides, args.data, options=_model_options(args),
-                       fit_options=fit_options, is_samples=args.is_samples, out=out,
-                       data_root=args.data_root, download=args.download, binarize=args.binarize,
-                       device=args.device, progress=not args.no_progress, resume=args.resume)
+        if registry.model_entry(args.model).family == registry.BNN:
+            from inference.compare import compare_bnn
+
+            fit_options.pop("num_particles"), fit_options.pop("kl_anneal_epochs")
+            rows = compare_bnn(args.guides, args.data, options=_bnn_options(args), fit_options=fit_options,
+                               out=out, split=args.split, num_samples=args.predictive_samples,
+                               progress=not args.no_progress, resume=args.resume)
+        else:
+            rows = compare(args.model, args.guides, args.data, options=_model_options(args),
+                           fit_options=fit_options, is_samples=args.is_samples, out=out,
+                           data_root=args.data_root, download=args.download, binarize=args.binarize,
+                           device=args.device, progress=not args.no_progress, resume=args.resume)
     except CompareError as error:
         raise UsageError(str(error)) from None
     print((out / "compare.md").read_text())
@@ -463,7 +449,7 @@ def _evaluate_bnn(args, config: dict) -> int:
     torch.manual_seed(config["fit"]["seed"])  # the network is built as in `fit`, then overwritten
     model = registry.bnn_model(dataset, config["options"])
     guide = load_posterior(args.run / POSTERIOR, model, config["guide"], config["options"], dataset.train)
-    scores = _score_bnn(model, guide, dataset, args.predictive_samples, config["fit"]["seed"])
+    scores = score_posterior(model, guide, dataset, args.predictive_samples, config["fit"]["seed"])
     (args.run / "evaluation.json").write_text(json.dumps(scores, indent=2))
     print(_bnn_summary(scores))
     return 0

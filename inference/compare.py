@@ -57,6 +57,7 @@ from pyro.poutine.util import site_is_subsample
 from tqdm import tqdm
 
 from inference import registry
+from inference.bnn import POSTERIOR, method_options, save_posterior, saved_progress, score_posterior
 from inference.diagnostics import MIN_PSIS_SAMPLES, psis_khat
 from inference.evaluate import _default_chunk, active_units, log_weight_terms
 from inference.svi import CHECKPOINT, FINAL_WEIGHTS, NonFiniteLossError, fit, load_weights, max_plate_nesting
@@ -536,41 +537,76 @@ BNN_CLASSIFICATION_TABLE = (("guide", "guide"), ("accuracy", "accuracy"), ("nll"
 
 
 def compare_bnn(guides: list[str] | str, data: str, *, options: dict, fit_options: dict, out: Path,
-                split: int = 0, num_samples: int = 100, progress: bool = True) -> list[dict]:
+                split: int = 0, num_samples: int = 100, progress: bool = True,
+                resume: bool = False) -> list[dict]:
     """Train a Bayesian MLP with every guide from the same initial weights and budget; write
-    ``compare.md`` and ``compare.csv`` (test metrics, seconds per epoch, posterior bytes)."""
-    from inference.metrics import memory_bytes
-    from inference.predictive import score
+    ``compare.md`` and ``compare.csv`` (test metrics, seconds per epoch, posterior bytes).
 
+    Each guide runs in ``OUT/<guide>/`` as ``bayeszoo fit bnn`` would (``config.json``,
+    checkpoints, ``posterior.pt``, ``metrics.json``: ``bayeszoo evaluate OUT/<guide>`` works), so
+    ``resume=True`` reuses the finished guides and continues the interrupted one.
+    """
     guides = [g for g in guides.split(",") if g] if isinstance(guides, str) else list(guides)
     for guide in guides:
         registry.check_pair("bnn", guide, data)
+    configs = {guide: {"model": "bnn", "guide": guide, "data": data, "split": split,
+                       "options": method_options(guide, options), "fit": fit_options} for guide in guides}
+    for guide, config in configs.items():
+        _check_bnn_folder(out / guide, config, resume)
     dataset = registry.load_data("bnn", data, split=split)
-    rows = []
-    for guide_name in guides:
-        torch.manual_seed(fit_options.get("seed", 0))  # the same initial network for every guide
-        started = time.perf_counter()
-        try:
-            model, guide, result = registry.train_bnn(dataset, guide_name, options, **fit_options,
-                                                      progress=progress)
-        except NonFiniteLossError as error:
-            rows.append({"guide": guide_name, "status": f"stopped: {error}"})
-            continue
-        row = {"guide": guide_name, "status": "ok", "train_seconds": time.perf_counter() - started,
-               "posterior_bytes": memory_bytes(guide)}
-        if result is not None and result.history:
-            row["seconds_per_epoch"] = statistics.median(r["seconds"] for r in result.history)
-        scores = score(model, guide, dataset, num_samples=getattr(guide, "num_members", num_samples))
-        row.update({k: v for k, v in scores.items() if isinstance(v, float)})
-        if "ood" in scores:
-            row["ood_auroc_entropy"] = scores["ood"]["entropy"]["auroc"]
-            row["ood_auroc_mi"] = scores["ood"]["mutual_information"]["auroc"]
-        rows.append(row)
+    rows = [_run_bnn_guide(config, dataset, out / guide, num_samples, progress, resume)
+            for guide, config in configs.items()]
     table = BNN_REGRESSION_TABLE if dataset.task == "regression" else BNN_CLASSIFICATION_TABLE
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare.md").write_text(_bnn_markdown(rows, table, dataset, data, fit_options, num_samples))
     write_csv(rows, out / "compare.csv", table)
     return rows
+
+
+def _check_bnn_folder(run_dir: Path, config: dict, resume: bool) -> None:
+    if not saved_progress(run_dir):
+        return
+    if not resume:
+        raise CompareError(f"{run_dir} already holds a run; pass resume (--resume) to continue "
+                           "the comparison or choose another output folder")
+    saved = json.loads((run_dir / "config.json").read_text())
+    if saved != json.loads(json.dumps(config)):
+        raise CompareError(f"{run_dir} holds a run with another configuration; "
+                           "choose another output folder to compare these settings")
+
+
+def _run_bnn_guide(config: dict, dataset, run_dir: Path, num_samples: int, progress: bool, resume: bool):
+    """Train, save and score one guide in its run folder; a finished one is read back on resume."""
+    from inference.metrics import memory_bytes
+
+    metrics_path = run_dir / "metrics.json"
+    if resume and metrics_path.exists() and (run_dir / POSTERIOR).exists():
+        return json.loads(metrics_path.read_text())["row"]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+    seed = config["fit"].get("seed", 0)
+    torch.manual_seed(seed)  # the same initial network for every guide
+    started = time.perf_counter()
+    try:
+        model, guide, result = registry.train_bnn(
+            dataset, config["guide"], config["options"], **config["fit"], run_dir=run_dir,
+            resume=resume and saved_progress(run_dir), progress=progress)
+    except NonFiniteLossError as error:
+        return {"guide": config["guide"], "status": f"stopped: {error}"}
+    row = {"guide": config["guide"], "status": "ok", "train_seconds": time.perf_counter() - started,
+           "posterior_bytes": memory_bytes(guide)}
+    history = result.history if result is not None else []
+    if history:
+        row["seconds_per_epoch"] = statistics.median(r["seconds"] for r in history)
+    save_posterior(run_dir / POSTERIOR, model, guide)
+    scores = score_posterior(model, guide, dataset, num_samples, seed)
+    row.update({k: v for k, v in scores.items() if isinstance(v, float)})
+    if "ood" in scores:
+        row["ood_auroc_entropy"] = scores["ood"]["entropy"]["auroc"]
+        row["ood_auroc_mi"] = scores["ood"]["mutual_information"]["auroc"]
+    metrics_path.write_text(json.dumps({"config": config, "history": history, "test": scores, "row": row},
+                                       indent=2))
+    return row
 
 
 def _bnn_markdown(rows, table, dataset, data: str, fit_options: dict, num_samples: int) -> str:

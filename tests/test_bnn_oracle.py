@@ -17,6 +17,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from guides.map import MAPGuide
 from guides.tradi import TradiGuide
 from guides.weight_laplace import LaplaceGuide
+from inference import bnn as bnn_inference
 from inference import cli, diagnostics
 from inference.bnn import train
 from inference.mcmc import pooled, run_nuts
@@ -336,3 +337,29 @@ def test_cli_compares_bnn_guides_from_the_same_start(tmp_path):
         assert f"| {guide} |" in table
     rows = (tmp_path / "compare.csv").read_text().splitlines()
     assert rows[0].startswith("guide,rmse,nll") and len(rows) == 4
+    # every guide ran in its own run folder: `evaluate` rescores it
+    assert cli.main(["evaluate", str(tmp_path / "map"), "--predictive-samples", "20"]) == 0
+
+
+def test_cli_compare_bnn_resumes_an_interrupted_comparison(tmp_path, capsys, monkeypatch):
+    argv = ["compare", "bnn", "--guides", "map,sgld", "--data", "gap", "--epochs", "3", "--batch-size", "80",
+            "--lr", "1e-4", "--hidden", "8", "--out", str(tmp_path), "--no-progress",
+            "--predictive-samples", "10"]
+    assert cli.main(argv) == 0
+    finished = (tmp_path / "compare.csv").read_text()
+    # stopped after SGLD's last epoch, before it was saved and scored
+    (tmp_path / "sgld" / "posterior.pt").unlink(), (tmp_path / "sgld" / "metrics.json").unlink()
+    assert cli.main(argv) == cli.EXIT_USAGE  # nothing is overwritten without --resume
+    assert "--resume" in capsys.readouterr().err
+    trained = []
+    original = bnn_inference.train
+    monkeypatch.setattr(bnn_inference, "train", lambda *a, **k: trained.append(a[1]) or original(*a, **k))
+    assert cli.main(argv + ["--resume"]) == 0
+    assert trained == ["sgld"]  # MAP was read back; SGLD continued from its checkpoint (its draws in it)
+    assert _scores_of((tmp_path / "compare.csv").read_text()) == _scores_of(finished)
+
+
+def _scores_of(csv_text: str) -> list[list[str]]:
+    """guide, RMSE, NLL, posterior bytes and status of every row (not the times)."""
+    rows = (line.split(",") for line in csv_text.splitlines())
+    return [[cells[i] for i in (0, 1, 2, 5, 6)] for cells in rows]
