@@ -446,7 +446,6 @@ def _evaluate_bnn(args, config: dict) -> int:
     """Rebuild a bnn run's posterior from ``posterior.pt`` and score it on the test split."""
     dataset = registry.load_data(config["model"], config["data"], root=args.data_root,
                                  download=args.download, split=config["split"])
-    torch.manual_seed(config["fit"]["seed"])  # the network is built as in `fit`, then overwritten
     model = registry.bnn_model(dataset, config["options"])
     guide = load_posterior(args.run / POSTERIOR, model, config["guide"], config["options"], dataset.train)
     scores = score_posterior(model, guide, dataset, args.predictive_samples, config["fit"]["seed"])

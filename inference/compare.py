@@ -202,19 +202,26 @@ def _binarize(model: str, options: dict, binarize: str | None) -> str | None:
 
 
 def _check_folders(out: Path, configs: dict, resume: bool) -> None:
+    """Refuse to overwrite a guide's run folder without ``resume``, or to resume one that holds a
+    run of another configuration."""
     for name, config in configs.items():
         run_dir = out / name
-        started = (run_dir / CHECKPOINT).exists() or (run_dir / FINAL_WEIGHTS).exists()
-        if started and not resume:
+        if not (saved_progress(run_dir) or (run_dir / FINAL_WEIGHTS).exists()):
+            continue
+        if not resume:
             raise CompareError(f"{run_dir} already holds a run; pass resume (--resume) to continue "
                                "the comparison or choose another output folder")
-        if started and (run_dir / "config.json").exists():
-            saved = json.loads((run_dir / "config.json").read_text())
-            # a fit option added since that run was written had its default value then
-            saved["fit"] = {**json.loads(json.dumps(FIT_OPTIONS)), **saved.get("fit", {})}
-            if saved != json.loads(json.dumps(config)):
-                raise CompareError(f"{run_dir} holds a run with another configuration; "
-                                   "choose another output folder to compare these settings")
+        if (run_dir / "config.json").exists() and _with_fit_defaults(
+                json.loads((run_dir / "config.json").read_text())) != _with_fit_defaults(config):
+            raise CompareError(f"{run_dir} holds a run with another configuration; "
+                               "choose another output folder to compare these settings")
+
+
+def _with_fit_defaults(config: dict) -> dict:
+    """The config as JSON data, with ``fit`` options it does not name at their defaults (a fit
+    option added since a run was written had its default value then)."""
+    config = json.loads(json.dumps(config))
+    return {**config, "fit": {**json.loads(json.dumps(FIT_OPTIONS)), **config.get("fit", {})}}
 
 
 # --------------------------------------------------------------------------- one guide
@@ -551,8 +558,7 @@ def compare_bnn(guides: list[str] | str, data: str, *, options: dict, fit_option
         registry.check_pair("bnn", guide, data)
     configs = {guide: {"model": "bnn", "guide": guide, "data": data, "split": split,
                        "options": method_options(guide, options), "fit": fit_options} for guide in guides}
-    for guide, config in configs.items():
-        _check_bnn_folder(out / guide, config, resume)
+    _check_folders(out, configs, resume)
     dataset = registry.load_data("bnn", data, split=split)
     rows = [_run_bnn_guide(config, dataset, out / guide, num_samples, progress, resume)
             for guide, config in configs.items()]
@@ -561,18 +567,6 @@ def compare_bnn(guides: list[str] | str, data: str, *, options: dict, fit_option
     (out / "compare.md").write_text(_bnn_markdown(rows, table, dataset, data, fit_options, num_samples))
     write_csv(rows, out / "compare.csv", table)
     return rows
-
-
-def _check_bnn_folder(run_dir: Path, config: dict, resume: bool) -> None:
-    if not saved_progress(run_dir):
-        return
-    if not resume:
-        raise CompareError(f"{run_dir} already holds a run; pass resume (--resume) to continue "
-                           "the comparison or choose another output folder")
-    saved = json.loads((run_dir / "config.json").read_text())
-    if saved != json.loads(json.dumps(config)):
-        raise CompareError(f"{run_dir} holds a run with another configuration; "
-                           "choose another output folder to compare these settings")
 
 
 def _run_bnn_guide(config: dict, dataset, run_dir: Path, num_samples: int, progress: bool, resume: bool):
