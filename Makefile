@@ -23,7 +23,7 @@ test: lint
 	MPLBACKEND=Agg $(BIN)/python -m pytest -q
 
 course: $(STAMP)
-	$(BIN)/python -m inference.course --out $(COURSE) $(TUTORIALS)
+	$(BIN)/python -m bayeszoo.inference.course --out $(COURSE) $(TUTORIALS)
 
 bench: $(STAMP)
 	for script in benchmarks/*.py; do MPLBACKEND=Agg $(BIN)/python $$script || exit 1; done

@@ -51,15 +51,17 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from guides.samples import WeightSamples
-from guides.weight_laplace import LaplaceGuide
-from inference import metrics
-from inference.bnn import train
-from inference.metrics import memory_bytes
-from inference.predictive import score
-from inference.supervised import load_supervised
-from models.bnn import BayesianNeuralNetwork
-from models.nn import mlp
+from bayeszoo.guides.samples import WeightSamples
+from bayeszoo.guides.weight_laplace import WeightLaplaceGuide
+from bayeszoo.inference import metrics
+from bayeszoo.inference.bnn import train
+from bayeszoo.inference.metrics import memory_bytes
+from bayeszoo.inference.predictive import score
+from bayeszoo.inference.supervised import load_supervised
+from bayeszoo.models.bnn import BayesianNeuralNetwork
+from bayeszoo.models.nn import mlp
+
+pyro.settings.set(module_local_params=True)  # PyroModules keep their parameters, as torch optimizers expect
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 METHODS = ("map", "meanfield", "lrt", "flipout", "mcdropout", "ensemble", "laplace", "sgld", "sghmc",
@@ -296,7 +298,7 @@ def posterior_bytes(guide) -> int:
     """Bytes of the posterior. A last-layer Laplace guide keeps the other layers' MAP weights in a
     plain dict that ``memory_bytes(guide)`` does not see; they are part of its posterior."""
     total = memory_bytes(guide)
-    if isinstance(guide, LaplaceGuide):
+    if isinstance(guide, WeightLaplaceGuide):
         total += memory_bytes({k: v for k, v in guide.point.items() if k not in guide.selected})
     return total
 

@@ -62,12 +62,18 @@ from pyro.nn import PyroModule
 from torch import nn
 from torch.nn.functional import softplus
 
-import models  # noqa: F401  (first: keeps Pyro parameters inside each module)
-from guides.dkf import STRUCTURES, LinearRNN, StructuredInferenceNetwork
-from inference.evaluate import importance_sampling
-from inference.sequences import krishnan_linear_model, linear_gaussian_dataset, pendulum_dataset, per_step
-from inference.svi import fit
-from models.dkf import DeepMarkovModel
+from bayeszoo.guides.dkf import STRUCTURES, LinearRNN, StructuredInferenceNetwork
+from bayeszoo.inference.evaluate import importance_sampling
+from bayeszoo.inference.sequences import (
+    krishnan_linear_model,
+    linear_gaussian_dataset,
+    pendulum_dataset,
+    per_step,
+)
+from bayeszoo.inference.svi import fit
+from bayeszoo.models.dkf import DeepMarkovModel
+
+pyro.settings.set(module_local_params=True)  # PyroModules keep their parameters, as torch optimizers expect
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 TARGET_RATIO = 1.0  # the issue: an epoch no slower than the per-step loop

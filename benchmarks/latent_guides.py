@@ -15,10 +15,12 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+import pyro
 import torch
 
-import models  # noqa: F401  (module-local Pyro params)
-from inference.compare import compare
+from bayeszoo.inference.compare import compare
+
+pyro.settings.set(module_local_params=True)  # PyroModules keep their parameters, as torch optimizers expect
 
 GUIDES = "amortized,rank1,planar,radial,householder,sylvester,iaf,laplace"
 

@@ -45,16 +45,18 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from guides.map import MAPGuide
-from guides.tradi import TradiGuide
-from inference.bnn import train
-from inference.metrics import memory_bytes
-from inference.predictive import score
-from inference.supervised import load_supervised
-from inference.svi import fit
-from inference.tradi import WeightTracker
-from models.bnn import BayesianNeuralNetwork
-from models.nn import mlp
+from bayeszoo.guides.map import MAPGuide
+from bayeszoo.guides.tradi import TradiGuide
+from bayeszoo.inference.bnn import train
+from bayeszoo.inference.metrics import memory_bytes
+from bayeszoo.inference.predictive import score
+from bayeszoo.inference.supervised import load_supervised
+from bayeszoo.inference.svi import fit
+from bayeszoo.inference.tradi import WeightTracker
+from bayeszoo.models.bnn import BayesianNeuralNetwork
+from bayeszoo.models.nn import mlp
+
+pyro.settings.set(module_local_params=True)  # PyroModules keep their parameters, as torch optimizers expect
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 METHODS = ("tradi", "map", "mcdropout", "meanfield", "ensemble")

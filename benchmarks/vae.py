@@ -39,11 +39,13 @@ from torch import nn
 from torch.nn.functional import binary_cross_entropy_with_logits, softplus
 from tqdm.auto import tqdm
 
-from guides.amortized import AmortizedNormal, AmortizedRank1Normal
-from inference.data import load_dataset
-from inference.evaluate import evaluate
-from inference.svi import fit
-from models.vae import VAE
+from bayeszoo.guides.amortized import AmortizedNormal, AmortizedRank1Normal
+from bayeszoo.inference.data import load_dataset
+from bayeszoo.inference.evaluate import evaluate
+from bayeszoo.inference.svi import fit
+from bayeszoo.models.vae import VAE
+
+pyro.settings.set(module_local_params=True)  # PyroModules keep their parameters, as torch optimizers expect
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 TARGET_RATIO = 1.3

@@ -49,7 +49,7 @@ from pyro.nn import AutoRegressiveNN, PyroModule
 from torch import nn
 from torch.nn.functional import softplus
 
-from models.dkf import check_sequences, sequence_lengths
+from bayeszoo.models.dkf import check_sequences, sequence_lengths
 
 # name -> (uses the forward RNN, uses the backward RNN, conditions on z_{t-1})
 STRUCTURES: dict[str, tuple[bool, bool, bool]] = {

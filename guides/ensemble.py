@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from guides.samples import WeightSamples
-from guides.weights import weight_sites
+from bayeszoo.guides.samples import WeightSamples
+from bayeszoo.guides.weights import weight_sites
 
 
 class EnsembleGuide(WeightSamples):

@@ -42,7 +42,7 @@ from pyro.distributions import constraints
 from torch import nn
 from torch.nn.functional import logsigmoid, softplus
 
-from guides.amortized import AmortizedGuide
+from bayeszoo.guides.amortized import AmortizedGuide
 
 FLOWS = ("planar", "radial", "householder", "sylvester", "iaf")
 

@@ -13,7 +13,7 @@ import torch
 from pyro.nn import PyroModule
 from torch import nn
 
-from guides.weights import weight_sites
+from bayeszoo.guides.weights import weight_sites
 
 
 class MAPGuide(PyroModule):

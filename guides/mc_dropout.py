@@ -19,8 +19,8 @@ import pyro
 import pyro.distributions as dist
 import torch
 
-from guides.map import MAPGuide
-from guides.weights import sample_batch
+from bayeszoo.guides.map import MAPGuide
+from bayeszoo.guides.weights import sample_batch
 
 
 class MCDropoutGuide(MAPGuide):

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from pyro.nn import PyroModule
 from torch import nn
 
-from guides.weights import weight_sites
+from bayeszoo.guides.weights import weight_sites
 
 
 def _inverse_softplus(y: float) -> float:

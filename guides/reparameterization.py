@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 from pyro.poutine.messenger import Messenger
 
-from models.bnn import batched_conv2d, batched_linear
+from bayeszoo.models.bnn import batched_conv2d, batched_linear
 
 
 def _normal_parameters(fn):

@@ -15,7 +15,7 @@ import torch
 from pyro.nn import PyroModule
 from torch import nn
 
-from guides.weights import WeightSite, per_sample, sample_batch, weight_sites
+from bayeszoo.guides.weights import WeightSite, per_sample, sample_batch, weight_sites
 
 
 class WeightSamples(PyroModule):

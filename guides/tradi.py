@@ -34,7 +34,7 @@ import pyro.distributions as dist
 import torch
 from pyro.nn import PyroModule
 
-from guides.weights import weight_sites
+from bayeszoo.guides.weights import weight_sites
 
 
 class TradiGuide(PyroModule):

@@ -60,14 +60,14 @@ import torch
 from pyro.nn import PyroModule
 from torch.func import jacrev, jvp, vmap
 
-from guides.weights import per_sample, sample_batch, weight_sites
+from bayeszoo.guides.weights import per_sample, sample_batch, weight_sites
 
 STRUCTURES = ("diag", "last-layer", "full")
 PREDICTIVES = ("glm", "sampled")
 DEFAULT_PRIOR_PRECISIONS = torch.logspace(-4, 4, 81)
 
 
-class LaplaceGuide(PyroModule):
+class WeightLaplaceGuide(PyroModule):
     def __init__(self, model, map_guide, train: dict, structure: str = "last-layer",
                  prior_precisions: torch.Tensor = DEFAULT_PRIOR_PRECISIONS, batch_size: int = 256,
                  predictive: str = "glm"):

@@ -13,7 +13,7 @@ metrics and the ArviZ diagnostics treat them all alike.
     flipout         mean-field + Flipout (Wen et al. 2018)                      MeanFieldGuide
     mcdropout       MC dropout (Gal & Ghahramani 2016)                          MCDropoutGuide
     ensemble        deep ensemble, M members in one vectorized step             EnsembleGuide
-    laplace         Laplace around the MAP (diag / last-layer / full)           LaplaceGuide
+    laplace         Laplace around the MAP (diag / last-layer / full)           WeightLaplaceGuide
     sgld, sghmc     stochastic-gradient MCMC, thinned samples after burn-in     WeightSamples
     nuts            NUTS, the gold standard for small networks                  WeightSamples
     tradi           Kalman-filtered SGD trajectory (Franchi et al. 2020)        TradiGuide
@@ -29,19 +29,19 @@ from pathlib import Path
 import torch
 from pyro.infer import TraceMeanField_ELBO
 
-from guides.ensemble import EnsembleGuide
-from guides.map import MAPGuide
-from guides.mc_dropout import MCDropoutGuide
-from guides.mean_field import MeanFieldGuide
-from guides.reparameterization import flipout, local_reparameterization
-from guides.samples import WeightSamples
-from guides.tradi import TradiGuide
-from guides.weight_laplace import LaplaceGuide
-from guides.weights import weight_sites
-from inference.mcmc import pooled, run_nuts
-from inference.sgmcmc import SGHMC, SGLD, ThinnedSamples
-from inference.svi import CHECKPOINT, fit, save_atomically
-from inference.tradi import WeightTracker
+from bayeszoo.guides.ensemble import EnsembleGuide
+from bayeszoo.guides.map import MAPGuide
+from bayeszoo.guides.mc_dropout import MCDropoutGuide
+from bayeszoo.guides.mean_field import MeanFieldGuide
+from bayeszoo.guides.reparameterization import flipout, local_reparameterization
+from bayeszoo.guides.samples import WeightSamples
+from bayeszoo.guides.tradi import TradiGuide
+from bayeszoo.guides.weight_laplace import WeightLaplaceGuide
+from bayeszoo.guides.weights import weight_sites
+from bayeszoo.inference.mcmc import pooled, run_nuts
+from bayeszoo.inference.sgmcmc import SGHMC, SGLD, ThinnedSamples
+from bayeszoo.inference.svi import CHECKPOINT, fit, save_atomically
+from bayeszoo.inference.tradi import WeightTracker
 
 METHODS = ("map", "meanfield", "lrt", "flipout", "mcdropout", "ensemble", "laplace", "sgld", "sghmc",
            "nuts", "tradi")
@@ -88,8 +88,9 @@ def train(model, method: str, train: dict, valid: dict | None = None, *, options
     with handler():
         result = fit(model, guide, train, valid, **fit_options)
     if method == "laplace":
-        guide = LaplaceGuide(model, guide, train, structure=options.get("laplace_structure", "last-layer"),
-                             predictive=options.get("laplace_predictive", "glm"))
+        guide = WeightLaplaceGuide(model, guide, train,
+                                   structure=options.get("laplace_structure", "last-layer"),
+                                   predictive=options.get("laplace_predictive", "glm"))
     return guide, result
 
 
@@ -258,8 +259,8 @@ def score_posterior(model, guide, dataset, predictive_samples: int, seed: int) -
     """Test scores (``inference.predictive.score``) from a seeded random stream, so scoring a
     posterior rebuilt by ``load_posterior`` repeats them. Sample-set guides (ensemble, SGLD,
     SGHMC, NUTS) predict with each member once."""
-    from inference.predictive import score
-    from inference.svi import set_seed
+    from bayeszoo.inference.predictive import score
+    from bayeszoo.inference.svi import set_seed
 
     set_seed(seed)
     return score(model, guide, dataset, num_samples=getattr(guide, "num_members", predictive_samples))
@@ -304,6 +305,7 @@ def _guide_shell(model, method: str, options: dict, state: dict, train: dict):
         with torch.no_grad():
             for site, weight in zip(sites, map_guide.named_weights().values(), strict=True):
                 weight.copy_(map_guide.transforms[site.name].inv(state[f"{site.key}_point"]))
-        return LaplaceGuide(model, map_guide, train, structure=options.get("laplace_structure", "last-layer"),
-                            predictive=options.get("laplace_predictive", "glm"))
+        return WeightLaplaceGuide(model, map_guide, train,
+                                  structure=options.get("laplace_structure", "last-layer"),
+                                  predictive=options.get("laplace_predictive", "glm"))
     return _svi_guide(model, method, options)

@@ -18,10 +18,11 @@ import sys
 import time
 from pathlib import Path
 
+import pyro
 import torch
 
-from inference import registry
-from inference.bnn import (
+from bayeszoo.inference import registry
+from bayeszoo.inference.bnn import (
     POSTERIOR,
     load_posterior,
     method_options,
@@ -29,7 +30,7 @@ from inference.bnn import (
     saved_progress,
     score_posterior,
 )
-from inference.svi import FINAL_WEIGHTS, NonFiniteLossError, fit, load_weights
+from bayeszoo.inference.svi import FINAL_WEIGHTS, NonFiniteLossError, fit, load_weights
 
 EXIT_USAGE = 2
 # Validation and test sets are binarized once with this seed under dynamic binarization,
@@ -181,6 +182,8 @@ def _add_data_options(command, with_binarize: bool = True) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # The command owns its process: its PyroModules keep their parameters to themselves.
+    pyro.settings.set(module_local_params=True)
     try:
         if args.command == "list":
             return _list()
@@ -288,7 +291,7 @@ def _fit_bnn(args, run_dir: Path) -> int:
                                               device=args.device, run_dir=run_dir, resume=args.resume,
                                               progress=not args.no_progress)
     seconds = time.perf_counter() - started
-    from inference.metrics import memory_bytes
+    from bayeszoo.inference.metrics import memory_bytes
 
     model, guide = model.cpu(), guide.cpu()
     save_posterior(run_dir / POSTERIOR, model, guide)
@@ -297,7 +300,7 @@ def _fit_bnn(args, run_dir: Path) -> int:
                "test": score_posterior(model, guide, dataset, args.predictive_samples, args.seed)}
     chains = getattr(guide, "chains", None)
     if chains is not None and len(next(iter(chains.values()))) >= 2:
-        from inference import diagnostics
+        from bayeszoo.inference import diagnostics
 
         draws = diagnostics.inference_data(chains)
         metrics["chains"] = {"count": len(next(iter(chains.values()))),
@@ -323,13 +326,13 @@ def _write_bnn_figures(run_dir: Path, model, guide, dataset, history) -> None:
     """Training curve; the uncertainty band for 1-D regression, reliability for classification."""
     import matplotlib.pyplot as plt
 
-    from inference import metrics, plots
-    from inference.predictive import predictive
+    from bayeszoo.inference import metrics, plots
+    from bayeszoo.inference.predictive import predictive
 
     figures = {"training.png": plots.training_curves(history)} if history else {}
     samples = getattr(guide, "num_members", 100)
     if dataset.task == "regression" and dataset.x_dim == 1:
-        from inference.supervised import grid
+        from bayeszoo.inference.supervised import grid
 
         x = grid(dataset)
         draws = predictive(model, guide, x, samples)
@@ -391,7 +394,7 @@ def _fit(args) -> int:
 
 
 def _compare(args) -> int:
-    from inference.compare import CompareError, compare
+    from bayeszoo.inference.compare import CompareError, compare
 
     if not 0 <= args.masking_noise < 1:
         raise UsageError("--masking-noise must be in [0, 1)")
@@ -402,7 +405,7 @@ def _compare(args) -> int:
                    "clip_norm": args.clip_norm, "seed": args.seed}
     try:
         if registry.model_entry(args.model).family == registry.BNN:
-            from inference.compare import compare_bnn
+            from bayeszoo.inference.compare import compare_bnn
 
             fit_options.pop("num_particles"), fit_options.pop("kl_anneal_epochs")
             rows = compare_bnn(args.guides, args.data, options=_bnn_options(args), fit_options=fit_options,
@@ -461,7 +464,7 @@ def _eval_inputs(dataset, inputs, split: str) -> dict:
 
 def _score(model, guide, dataset, inputs, is_samples: int, device: str,
            progress: bool = True) -> dict:
-    from inference.evaluate import evaluate
+    from bayeszoo.inference.evaluate import evaluate
 
     test = _eval_inputs(dataset, inputs, "test")
     if "mask" not in test:
@@ -498,7 +501,7 @@ def _hardware(device: str) -> str:
 def _write_figures(run_dir: Path, model, guide, dataset, inputs, history) -> None:
     import matplotlib.pyplot as plt
 
-    from inference import plots
+    from bayeszoo.inference import plots
 
     figures = {"training.png": plots.training_curves(history)}
     if hasattr(dataset, "image_shape"):
@@ -510,8 +513,8 @@ def _write_figures(run_dir: Path, model, guide, dataset, inputs, history) -> Non
 
 def _image_figures(model, guide, dataset, inputs) -> dict:
     """Reconstructions, samples, the latent space and (for 2-D z) the decoded latent grid."""
-    from inference import plots
-    from inference.evaluate import posterior_means
+    from bayeszoo.inference import plots
+    from bayeszoo.inference.evaluate import posterior_means
 
     test = _eval_inputs(dataset, inputs, "test")
     figures = {"reconstructions.png": plots.reconstructions(model, guide, test, dataset.image_shape)}

@@ -56,11 +56,18 @@ from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 from tqdm import tqdm
 
-from inference import registry
-from inference.bnn import POSTERIOR, method_options, save_posterior, saved_progress, score_posterior
-from inference.diagnostics import MIN_PSIS_SAMPLES, psis_khat
-from inference.evaluate import _default_chunk, active_units, log_weight_terms
-from inference.svi import CHECKPOINT, FINAL_WEIGHTS, NonFiniteLossError, fit, load_weights, max_plate_nesting
+from bayeszoo.inference import registry
+from bayeszoo.inference.bnn import POSTERIOR, method_options, save_posterior, saved_progress, score_posterior
+from bayeszoo.inference.diagnostics import MIN_PSIS_SAMPLES, psis_khat
+from bayeszoo.inference.evaluate import _default_chunk, active_units, log_weight_terms
+from bayeszoo.inference.svi import (
+    CHECKPOINT,
+    FINAL_WEIGHTS,
+    NonFiniteLossError,
+    fit,
+    load_weights,
+    max_plate_nesting,
+)
 
 #: Keys of ``fit_options``, passed to ``inference.svi.fit``; unset ones take fit's defaults.
 FIT_OPTIONS = {"epochs": 10, "batch_size": 100, "lr": 1e-3, "lr_decay": 1.0, "num_particles": 1,
@@ -229,7 +236,7 @@ def _with_fit_defaults(config: dict) -> dict:
 
 def _eval_inputs(dataset, inputs, split: str) -> dict:
     """A validation or test split, binarized once with the seed every bayeszoo run uses."""
-    from inference.cli import EVAL_BINARIZATION_SEED  # here: cli imports this module
+    from bayeszoo.inference.cli import EVAL_BINARIZATION_SEED  # here: cli imports this module
 
     generator = torch.Generator().manual_seed(EVAL_BINARIZATION_SEED)
     return inputs(dataset.batch_transform(getattr(dataset, split), generator))
@@ -472,7 +479,7 @@ def write_csv(rows: list[dict], path: Path, table=TABLE) -> None:
 def _figure_rows(model, guide, dataset, test: dict, seed: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """E[x | z] for z ~ q(z | x) of the first test images, and for z from the prior (the same
     draws for every guide: the prior's sampling only reads the seeded stream). None for sequences."""
-    from inference.plots import observation_mean
+    from bayeszoo.inference.plots import observation_mean
 
     if not _is_images(dataset):
         return None
@@ -571,7 +578,7 @@ def compare_bnn(guides: list[str] | str, data: str, *, options: dict, fit_option
 
 def _run_bnn_guide(config: dict, dataset, run_dir: Path, num_samples: int, progress: bool, resume: bool):
     """Train, save and score one guide in its run folder; a finished one is read back on resume."""
-    from inference.metrics import memory_bytes
+    from bayeszoo.inference.metrics import memory_bytes
 
     metrics_path = run_dir / "metrics.json"
     if resume and metrics_path.exists() and (run_dir / POSTERIOR).exists():

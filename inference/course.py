@@ -1,6 +1,6 @@
 """Build the course: execute every tutorial as a notebook and write HTML pages with an index.
 
-    python -m inference.course --out build/course tutorials/01_*.py tutorials/02_*.py ...
+    python -m bayeszoo.inference.course --out build/course tutorials/01_*.py tutorials/02_*.py ...
 
 Each jupytext "percent" file becomes an executed notebook and one HTML page (figures
 inline); ``index.html`` links them in order. Set SMOKE_TEST=1 for a quick dry run.

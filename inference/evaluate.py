@@ -26,7 +26,7 @@ import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
-from inference.svi import max_plate_nesting
+from bayeszoo.inference.svi import max_plate_nesting
 
 
 def _size(data: dict) -> int:

@@ -17,7 +17,7 @@ import torch
 from pyro.infer import MCMC, NUTS
 from pyro.infer.autoguide.initialization import init_to_sample, init_to_value
 
-from inference.svi import save_atomically
+from bayeszoo.inference.svi import save_atomically
 
 
 def run_nuts(model, train: dict, num_samples: int = 500, warmup: int = 500, num_chains: int = 2,

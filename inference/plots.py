@@ -127,7 +127,7 @@ def reliability_diagram(results: dict, bins: int = 15, size: float = 3.2):
     calibration; the red outline is the gap to the bin's mean confidence, so overconfidence is
     a red box above the bar.
     """
-    from inference.metrics import expected_calibration_error, reliability
+    from bayeszoo.inference.metrics import expected_calibration_error, reliability
 
     fig, axes = plt.subplots(1, len(results), figsize=(size * len(results), size), squeeze=False,
                              sharey=True)

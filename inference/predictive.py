@@ -15,7 +15,7 @@ import pyro
 import torch
 from pyro.infer import Predictive
 
-from inference import metrics
+from bayeszoo.inference import metrics
 
 REGRESSION_SITES = ("mean", "variance")
 CLASSIFICATION_SITES = ("probs",)

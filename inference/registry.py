@@ -12,18 +12,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from guides.amortized import AmortizedDelta, AmortizedNormal, AmortizedRank1Normal
-from guides.dkf import StructuredInferenceNetwork, structure_names
-from guides.flows import AmortizedFlow
-from guides.laplace import LaplaceGuide
-from inference.data import DATASETS, load_dataset
-from inference.sequences import load_sequence_dataset
-from inference.supervised import SUPERVISED_DATASETS, load_supervised
-from models.bnn import BayesianNeuralNetwork
-from models.dkf import DeepMarkovModel, LinearGaussianSSM
-from models.nn import mlp
-from models.ppca import PPCA
-from models.vae import VAE, ConditionalVAE, DeepLatentGaussianModel, label_inputs, quadrant_inputs
+from bayeszoo.guides.amortized import AmortizedDelta, AmortizedNormal, AmortizedRank1Normal
+from bayeszoo.guides.dkf import StructuredInferenceNetwork, structure_names
+from bayeszoo.guides.flows import AmortizedFlow
+from bayeszoo.guides.vlae import VLAEGuide
+from bayeszoo.inference.data import DATASETS, load_dataset
+from bayeszoo.inference.sequences import load_sequence_dataset
+from bayeszoo.inference.supervised import SUPERVISED_DATASETS, load_supervised
+from bayeszoo.models.bnn import BayesianNeuralNetwork
+from bayeszoo.models.dkf import DeepMarkovModel, LinearGaussianSSM
+from bayeszoo.models.nn import mlp
+from bayeszoo.models.ppca import PPCA
+from bayeszoo.models.vae import VAE, ConditionalVAE, DeepLatentGaussianModel, label_inputs, quadrant_inputs
 
 BNN_METHODS = {
     "map": "point estimate of the weights (weight decay = the Gaussian prior)",
@@ -161,7 +161,7 @@ GUIDES: dict[str, GuideEntry] = {entry.name: entry for entry in [
     GuideEntry("iaf", (LATENT,), _flow_guide("iaf"),
                "amortized Gaussian + K IAF steps, MADE with encoder context (Kingma et al. 2016)"),
     GuideEntry("laplace", (LATENT, BNN),
-               lambda m, o: LaplaceGuide(m, _hidden(o), steps=o.get("laplace_steps", 4)),
+               lambda m, o: VLAEGuide(m, _hidden(o), steps=o.get("laplace_steps", 4)),
                "VLAE: Laplace posterior after T Newton steps (Park et al. 2019); for a BNN: Laplace "
                "around the MAP (diag / last-layer / full GGN)",
                excludes=("dlgm",)),  # one latent site only
@@ -174,7 +174,7 @@ GUIDES: dict[str, GuideEntry] = {entry.name: entry for entry in [
 
 def train_bnn(dataset, method: str, options: dict, **fit_options):
     """Build a Bayesian MLP for ``dataset`` and train it with ``method`` (``inference.bnn.train``)."""
-    from inference.bnn import train
+    from bayeszoo.inference.bnn import train
 
     model = bnn_model(dataset, options)
     guide, result = train(model, method, dataset.train, dataset.valid, options=options, **fit_options)

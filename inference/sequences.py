@@ -35,8 +35,8 @@ from pathlib import Path
 
 import torch
 
-from inference.data import _ArrayUnpickler
-from models.dkf import LinearGaussianSSM, check_sequences
+from bayeszoo.inference.data import _ArrayUnpickler
+from bayeszoo.models.dkf import LinearGaussianSSM, check_sequences
 
 SEQUENCE_DATASETS: tuple[str, ...] = ("linear-gaussian", "pendulum", "nile", "jsb")
 SPLITS = ("train", "valid", "test")

@@ -55,8 +55,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from inference.data import DATASETS as IMAGE_DATASETS
-from inference.data import SPLITS, check_batch, load_dataset
+from bayeszoo.inference.data import DATASETS as IMAGE_DATASETS
+from bayeszoo.inference.data import SPLITS, check_batch, load_dataset
 
 REGRESSION = "regression"
 CLASSIFICATION = "classification"

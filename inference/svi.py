@@ -29,7 +29,7 @@ from pyro.infer import ELBO, Trace_ELBO
 from pyro.poutine.messenger import Messenger
 from tqdm import tqdm
 
-from inference.data import check_batch
+from bayeszoo.inference.data import check_batch
 
 CHECKPOINT = "checkpoint.pt"
 FINAL_WEIGHTS = "weights.pt"

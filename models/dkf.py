@@ -39,7 +39,7 @@ from pyro.nn import PyroModule
 from torch import nn
 from torch.nn.functional import softplus
 
-from models.nn import mlp
+from bayeszoo.models.nn import mlp
 
 EMISSIONS = ("bernoulli", "gaussian")
 

@@ -17,7 +17,7 @@ import torch
 from pyro.nn import PyroModule
 from torch import nn
 
-from models.nn import mlp
+from bayeszoo.models.nn import mlp
 
 LIKELIHOODS = ("bernoulli", "gaussian")
 

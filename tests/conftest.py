@@ -6,7 +6,7 @@ import pytest
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 
-import models  # noqa: E402,F401  (module-local Pyro params, as in every bayeszoo program)
+pyro.settings.set(module_local_params=True)  # as the bayeszoo CLI and the tutorials run
 
 
 @pytest.fixture(autouse=True)

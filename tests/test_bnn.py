@@ -19,13 +19,13 @@ from pyro.infer import Predictive, Trace_ELBO, TraceMeanField_ELBO
 from torch import nn
 from torch.distributions import kl_divergence
 
-from guides.ensemble import EnsembleGuide
-from guides.map import MAPGuide
-from guides.mc_dropout import MCDropoutGuide
-from guides.mean_field import MeanFieldGuide
-from guides.reparameterization import flipout, local_reparameterization
-from inference.svi import fit, scale_global_sites
-from models.bnn import (
+from bayeszoo.guides.ensemble import EnsembleGuide
+from bayeszoo.guides.map import MAPGuide
+from bayeszoo.guides.mc_dropout import MCDropoutGuide
+from bayeszoo.guides.mean_field import MeanFieldGuide
+from bayeszoo.guides.reparameterization import flipout, local_reparameterization
+from bayeszoo.inference.svi import fit, scale_global_sites
+from bayeszoo.models.bnn import (
     BayesianNeuralNetwork,
     IsotropicNormal,
     batched_conv2d,
@@ -33,7 +33,7 @@ from models.bnn import (
     bayesian,
     weight_sites,
 )
-from models.nn import mlp
+from bayeszoo.models.nn import mlp
 
 # ----------------------------------------------------------------------------------------------
 # Helpers

@@ -14,16 +14,16 @@ from pyro.infer import MCMC
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from guides.map import MAPGuide
-from guides.tradi import TradiGuide
-from guides.weight_laplace import LaplaceGuide
-from inference import bnn as bnn_inference
-from inference import cli, diagnostics
-from inference.bnn import train
-from inference.mcmc import pooled, run_nuts
-from inference.predictive import predictive
-from inference.svi import fit
-from models.bnn import BayesianNeuralNetwork
+from bayeszoo.guides.map import MAPGuide
+from bayeszoo.guides.tradi import TradiGuide
+from bayeszoo.guides.weight_laplace import WeightLaplaceGuide
+from bayeszoo.inference import bnn as bnn_inference
+from bayeszoo.inference import cli, diagnostics
+from bayeszoo.inference.bnn import train
+from bayeszoo.inference.mcmc import pooled, run_nuts
+from bayeszoo.inference.predictive import predictive
+from bayeszoo.inference.svi import fit
+from bayeszoo.models.bnn import BayesianNeuralNetwork
 
 N, D, SIGMA, PRIOR_SD = 30, 2, 0.5, 1.0
 
@@ -78,7 +78,7 @@ def _map_and_laplace(x, y, structure="full"):
     model = _model()
     map_guide = MAPGuide(model)
     fit(model, map_guide, {"x": x, "y": y}, epochs=1500, batch_size=N, lr=0.05, progress=False)
-    laplace = LaplaceGuide(model, map_guide, {"x": x, "y": y}, structure=structure,
+    laplace = WeightLaplaceGuide(model, map_guide, {"x": x, "y": y}, structure=structure,
                            prior_precisions=torch.tensor([1 / PRIOR_SD**2]))
     return model, map_guide, laplace
 
@@ -94,7 +94,7 @@ def test_full_laplace_is_the_exact_posterior_in_float64():
         fitted = laplace.scale_tril @ laplace.scale_tril.T
         assert torch.allclose(fitted, covariance, rtol=1e-4, atol=1e-8)
         # The diagonal structure keeps the exact precision's diagonal, not the covariance's.
-        diagonal = LaplaceGuide(model, map_guide, {"x": x, "y": y}, structure="diag",
+        diagonal = WeightLaplaceGuide(model, map_guide, {"x": x, "y": y}, structure="diag",
                                 prior_precisions=torch.tensor([1 / PRIOR_SD**2]))
         assert torch.allclose(diagonal.scale**-2, torch.linalg.inv(covariance).diagonal(), rtol=1e-4)
     finally:
@@ -122,7 +122,7 @@ def test_laplace_glm_outputs_are_the_jacobian_times_the_weight_offsets():
     model = BayesianNeuralNetwork(nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)), (3,),
                                   "categorical", prior="normal")
     map_guide = MAPGuide(model)
-    laplace = LaplaceGuide(model, map_guide, {"x": x, "y": torch.randint(0, 2, (7,))}, structure="full")
+    laplace = WeightLaplaceGuide(model, map_guide, {"x": x, "y": torch.randint(0, 2, (7,))}, structure="full")
     torch.manual_seed(1)
     outputs = laplace.linearized_outputs(model, x, num_samples=4)
     torch.manual_seed(1)
@@ -148,7 +148,7 @@ def test_laplace_evidence_picks_a_prior_precision_inside_the_grid():
     model = _model()
     map_guide = MAPGuide(model)
     fit(model, map_guide, {"x": x, "y": y}, epochs=300, batch_size=N, lr=0.05, progress=False)
-    laplace = LaplaceGuide(model, map_guide, {"x": x, "y": y}, structure="full")
+    laplace = WeightLaplaceGuide(model, map_guide, {"x": x, "y": y}, structure="full")
     grid = laplace.evidence_curve["prior_precision"]
     assert grid[0] < laplace.prior_precision < grid[-1]
     # For 3 weights of size ~1-2 the evidence optimum is tau ~ d / |w*|^2: order one, not an edge.

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from inference.cli import main
+from bayeszoo.inference.cli import main
 
 
 def _fails(capsys, argv):

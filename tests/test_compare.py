@@ -8,13 +8,13 @@ import math
 import pytest
 import torch
 
-from inference import compare as compare_module
-from inference import registry
-from inference.compare import TABLE, CompareError, compare, importance_weights
-from inference.diagnostics import MIN_PSIS_SAMPLES, psis_khat
-from inference.evaluate import importance_sampling
-from inference.registry import RegistryError
-from inference.svi import NonFiniteLossError
+from bayeszoo.inference import compare as compare_module
+from bayeszoo.inference import registry
+from bayeszoo.inference.compare import TABLE, CompareError, compare, importance_weights
+from bayeszoo.inference.diagnostics import MIN_PSIS_SAMPLES, psis_khat
+from bayeszoo.inference.evaluate import importance_sampling
+from bayeszoo.inference.registry import RegistryError
+from bayeszoo.inference.svi import NonFiniteLossError
 
 GUIDES = ["amortized", "rank1", "planar"]
 TINY = {"options": {"z_dim": 2, "hidden": [16], "flow_length": 2},
@@ -69,8 +69,8 @@ def test_khat_needs_enough_samples_and_finite_weights():
 
 
 def test_one_pass_of_weights_agrees_with_the_is_estimator():
-    from guides.amortized import AmortizedNormal
-    from models.vae import VAE
+    from bayeszoo.guides.amortized import AmortizedNormal
+    from bayeszoo.models.vae import VAE
 
     model, guide = VAE(16, 2, (8,)), AmortizedNormal(VAE(16, 2, (8,)), (8,))
     data = {"x": torch.bernoulli(torch.full((30, 16), 0.3))}
@@ -86,8 +86,8 @@ def test_one_pass_of_weights_agrees_with_the_is_estimator():
 
 
 def test_a_point_mass_guide_gets_no_is_estimate_and_no_khat():
-    from guides.amortized import AmortizedDelta
-    from models.vae import VAE
+    from bayeszoo.guides.amortized import AmortizedDelta
+    from bayeszoo.models.vae import VAE
 
     model = VAE(16, 2, (8,))
     data = {"x": torch.bernoulli(torch.full((30, 16), 0.3))}
@@ -208,7 +208,7 @@ def test_a_guide_whose_loss_turns_nan_is_reported_and_the_others_carry_on(tmp_pa
 
 
 def test_sequence_models_are_compared_per_time_step(tmp_path, monkeypatch):
-    from inference.sequences import linear_gaussian_dataset
+    from bayeszoo.inference.sequences import linear_gaussian_dataset
 
     monkeypatch.setattr(registry, "load_data",
                         lambda *args, **kwargs: linear_gaussian_dataset(sizes=(20, 10, 10), num_steps=5))

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from inference import data
-from inference.data import DATASETS, Dataset, check_batch, load_dataset
+from bayeszoo.inference import data
+from bayeszoo.inference.data import DATASETS, Dataset, check_batch, load_dataset
 
 # ----------------------------------------------------------------------------------------------
 # Helpers

@@ -12,9 +12,9 @@ import pytest
 import torch
 from pyro import poutine
 
-from guides.dkf import StructuredInferenceNetwork, reverse_within_lengths, structure_names
-from inference.evaluate import importance_sampling
-from inference.sequences import (
+from bayeszoo.guides.dkf import StructuredInferenceNetwork, reverse_within_lengths, structure_names
+from bayeszoo.inference.evaluate import importance_sampling
+from bayeszoo.inference.sequences import (
     check_sequence_split,
     krishnan_linear_model,
     linear_gaussian_dataset,
@@ -26,8 +26,8 @@ from inference.sequences import (
     per_step,
     piano_roll,
 )
-from inference.svi import evaluate_elbo, fit
-from models.dkf import DeepMarkovModel, LinearGaussianSSM, local_level_model, sequence_lengths
+from bayeszoo.inference.svi import evaluate_elbo, fit
+from bayeszoo.models.dkf import DeepMarkovModel, LinearGaussianSSM, local_level_model, sequence_lengths
 
 
 @pytest.fixture(autouse=True)

@@ -10,12 +10,12 @@ import torch
 from pyro.infer import Predictive, Trace_ELBO
 from torch.autograd.functional import jacobian
 
-from guides.amortized import AmortizedNormal
-from guides.flows import FLOWS, MADE, AmortizedFlow, NormalizingFlow, PlanarStep, RadialStep
-from inference.evaluate import active_units, importance_sampling, log_weight_terms
-from models.ppca import PPCA
-from models.toy import Banana
-from models.vae import VAE, ConditionalVAE, DeepLatentGaussianModel, label_inputs
+from bayeszoo.guides.amortized import AmortizedNormal
+from bayeszoo.guides.flows import FLOWS, MADE, AmortizedFlow, NormalizingFlow, PlanarStep, RadialStep
+from bayeszoo.inference.evaluate import active_units, importance_sampling, log_weight_terms
+from bayeszoo.models.ppca import PPCA
+from bayeszoo.models.toy import Banana
+from bayeszoo.models.vae import VAE, ConditionalVAE, DeepLatentGaussianModel, label_inputs
 
 D = 6
 INVERTIBLE = ("radial", "householder", "iaf")  # closed-form (or k-pass) inverse

@@ -10,7 +10,7 @@ import sklearn.metrics
 import torch
 from torch import nn
 
-from inference.metrics import (
+from bayeszoo.inference.metrics import (
     aupr,
     auroc,
     classification_metrics,
@@ -25,7 +25,7 @@ from inference.metrics import (
     regression_metrics,
     reliability,
 )
-from inference.plots import regression_band, reliability_diagram
+from bayeszoo.inference.plots import regression_band, reliability_diagram
 
 # ----------------------------------------------------------------------------- regression
 

@@ -6,10 +6,15 @@ import torch
 from pyro import poutine
 from pyro.infer import Predictive, Trace_ELBO
 
-from guides.amortized import AmortizedDelta, AmortizedNormal, AmortizedRank1Normal, Rank1PrecisionNormal
-from inference.evaluate import importance_sampling
-from models.ppca import PPCA
-from models.vae import VAE, ConditionalVAE, DeepLatentGaussianModel, label_inputs, quadrant_inputs
+from bayeszoo.guides.amortized import (
+    AmortizedDelta,
+    AmortizedNormal,
+    AmortizedRank1Normal,
+    Rank1PrecisionNormal,
+)
+from bayeszoo.inference.evaluate import importance_sampling
+from bayeszoo.models.ppca import PPCA
+from bayeszoo.models.vae import VAE, ConditionalVAE, DeepLatentGaussianModel, label_inputs, quadrant_inputs
 
 D = 16
 

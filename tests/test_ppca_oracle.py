@@ -9,10 +9,10 @@ against the closed form on held-out points.
 import pytest
 import torch
 
-from guides.amortized import AmortizedNormal, AmortizedRank1Normal
-from inference.evaluate import importance_sampling
-from inference.svi import fit
-from models.ppca import PPCA
+from bayeszoo.guides.amortized import AmortizedNormal, AmortizedRank1Normal
+from bayeszoo.inference.evaluate import importance_sampling
+from bayeszoo.inference.svi import fit
+from bayeszoo.models.ppca import PPCA
 
 X_DIM, Z_DIM = 6, 2
 

@@ -24,7 +24,7 @@ import math
 import pytest
 import torch
 
-from inference.sgmcmc import SGHMC, SGLD, ThinnedSamples, polynomial_decay
+from bayeszoo.inference.sgmcmc import SGHMC, SGLD, ThinnedSamples, polynomial_decay
 
 MEAN = torch.tensor([1.0, -2.0], dtype=torch.float64)
 COV = torch.tensor([[1.0, 0.8], [0.8, 2.0]], dtype=torch.float64)

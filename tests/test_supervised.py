@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from inference import supervised
-from inference.data import load_dataset
-from inference.supervised import (
+from bayeszoo.inference import supervised
+from bayeszoo.inference.data import load_dataset
+from bayeszoo.inference.supervised import (
     BOSTON_FEATURES,
     DEFAULT_HELD_OUT_CLASSES,
     GAP_NOISE_SD,

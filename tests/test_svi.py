@@ -5,9 +5,16 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from guides.amortized import AmortizedNormal
-from inference.svi import CHECKPOINT, FINAL_WEIGHTS, NonFiniteLossError, fit, kl_weight, scale_latents
-from models.vae import VAE
+from bayeszoo.guides.amortized import AmortizedNormal
+from bayeszoo.inference.svi import (
+    CHECKPOINT,
+    FINAL_WEIGHTS,
+    NonFiniteLossError,
+    fit,
+    kl_weight,
+    scale_latents,
+)
+from bayeszoo.models.vae import VAE
 
 
 def _data(n=120, d=16, seed=0):

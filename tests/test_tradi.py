@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from inference.tradi import ParticleTracker, WeightTracker
+from bayeszoo.inference.tradi import ParticleTracker, WeightTracker
 
 # -- 1. SGD on a quadratic with injected gradient noise: an AR(1) process with known moments ------
 

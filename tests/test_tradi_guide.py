@@ -4,10 +4,10 @@ import pytest
 import torch
 from pyro.infer import Predictive
 
-from guides.map import MAPGuide
-from guides.tradi import TradiGuide, random_features
-from models.bnn import BayesianNeuralNetwork
-from models.nn import mlp
+from bayeszoo.guides.map import MAPGuide
+from bayeszoo.guides.tradi import TradiGuide, random_features
+from bayeszoo.models.bnn import BayesianNeuralNetwork
+from bayeszoo.models.nn import mlp
 
 VARIANCE = 0.04
 

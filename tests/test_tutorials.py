@@ -24,7 +24,7 @@ def test_there_are_tutorials():
 
 
 def test_course_index_links_every_page(tmp_path):
-    from inference.course import write_index
+    from bayeszoo.inference.course import write_index
 
     index = write_index(tmp_path, [("01_a", "PCA & autoencoders", 3.0), ("02_b", "VAE", 5.0)])
     text = index.read_text()

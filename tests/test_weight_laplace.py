@@ -11,10 +11,10 @@ import torch
 from torch import nn
 from torch.autograd.functional import hessian
 
-from guides.map import MAPGuide
-from guides.weight_laplace import LaplaceGuide, _ggn
-from inference.svi import fit
-from models.bnn import BayesianNeuralNetwork
+from bayeszoo.guides.map import MAPGuide
+from bayeszoo.guides.weight_laplace import WeightLaplaceGuide, _ggn
+from bayeszoo.inference.svi import fit
+from bayeszoo.models.bnn import BayesianNeuralNetwork
 
 N, D, H, C = 11, 3, 5, 4  # N is not a multiple of the batch sizes below
 
@@ -50,7 +50,7 @@ def _last_layer_nll(model, point: dict, data: dict):
 
 def test_last_layer_ggn_is_the_exact_hessian_of_the_training_nll(float64):
     model, map_guide, data = _classifier()
-    laplace = LaplaceGuide(model, map_guide, data, structure="last-layer", batch_size=4,
+    laplace = WeightLaplaceGuide(model, map_guide, data, structure="last-layer", batch_size=4,
                            prior_precisions=torch.tensor([0.7]))
     nll, theta = _last_layer_nll(model, laplace.point, data)
     exact = hessian(nll, theta)  # (H C + C)^2, over all N points
@@ -67,15 +67,16 @@ def test_last_layer_ggn_is_the_exact_hessian_of_the_training_nll(float64):
 
 def test_diagonal_structure_keeps_the_diagonal_of_the_full_ggn(float64):
     model, map_guide, data = _classifier(seed=1)
-    full = LaplaceGuide(model, map_guide, data, structure="full", batch_size=4,
+    full = WeightLaplaceGuide(model, map_guide, data, structure="full", batch_size=4,
                         prior_precisions=torch.tensor([2.0]))
-    diagonal = LaplaceGuide(model, map_guide, data, structure="diag", batch_size=3,
+    diagonal = WeightLaplaceGuide(model, map_guide, data, structure="diag", batch_size=3,
                             prior_precisions=torch.tensor([2.0]))
     precision = torch.linalg.inv(full.scale_tril @ full.scale_tril.T)
     assert torch.equal(full.loc, diagonal.loc)
     assert torch.allclose(diagonal.scale**-2, precision.diagonal(), atol=1e-8)
     # The last-layer block of the full GGN is the last-layer GGN.
-    last = LaplaceGuide(model, map_guide, data, structure="last-layer", prior_precisions=torch.tensor([2.0]))
+    last = WeightLaplaceGuide(model, map_guide, data, structure="last-layer",
+                              prior_precisions=torch.tensor([2.0]))
     block = precision[-last.num_parameters:, -last.num_parameters:]
     assert torch.allclose(torch.linalg.inv(last.scale_tril @ last.scale_tril.T), block, atol=1e-8)
 
@@ -96,7 +97,7 @@ def test_log_evidence_is_the_laplace_formula_up_to_a_constant(float64):
         for parameter in map_guide.parameters():
             parameter.mul_(3.0)
     taus = torch.tensor([0.05, 0.8, 30.0])
-    laplace = LaplaceGuide(model, map_guide, data, structure="last-layer", prior_precisions=taus,
+    laplace = WeightLaplaceGuide(model, map_guide, data, structure="last-layer", prior_precisions=taus,
                            batch_size=4)
     curve = laplace.evidence_curve["log_evidence"]
     direct = torch.tensor([_direct_log_evidence(model, laplace.point, data, t) for t in taus.tolist()])
@@ -117,7 +118,7 @@ def test_the_map_objective_is_the_full_data_log_joint_whose_hessian_laplace_take
     nll_gradient = torch.autograd.grad(nll(theta), theta)[0]
     eta = 1e-6
     fit(model, map_guide, data, epochs=1, batch_size=4, lr=eta, optimizer=torch.optim.SGD, progress=False)
-    laplace = LaplaceGuide(model, map_guide, data, structure="last-layer",
+    laplace = WeightLaplaceGuide(model, map_guide, data, structure="last-layer",
                            prior_precisions=torch.tensor([1.0]))
     step = (laplace.loc - theta.detach()) / -eta
     assert torch.allclose(step, nll_gradient + theta.detach(), rtol=1e-4, atol=1e-6)

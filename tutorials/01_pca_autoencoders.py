@@ -37,13 +37,13 @@ import pyro
 import torch
 from torch import nn
 
-import models  # noqa: F401  (first: keeps Pyro parameters inside each module)
-from guides.amortized import AmortizedDelta
-from inference.data import load_dataset
-from inference.plots import image_grid, observation_mean
-from inference.svi import fit
-from models.ppca import PPCA
-from models.vae import VAE
+pyro.settings.set(module_local_params=True)  # PyroModules keep their parameters, as torch optimizers expect
+from bayeszoo.guides.amortized import AmortizedDelta
+from bayeszoo.inference.data import load_dataset
+from bayeszoo.inference.plots import image_grid, observation_mean
+from bayeszoo.inference.svi import fit
+from bayeszoo.models.ppca import PPCA
+from bayeszoo.models.vae import VAE
 
 SMOKE_TEST = os.environ.get("SMOKE_TEST") == "1"
 started = time.perf_counter()

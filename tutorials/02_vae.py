@@ -37,14 +37,14 @@ import matplotlib.pyplot as plt
 import pyro
 import torch
 
-import models  # noqa: F401  (first: keeps Pyro parameters inside each module)
-from guides.amortized import AmortizedGuide, AmortizedNormal, AmortizedRank1Normal
-from inference import plots
-from inference.data import load_dataset
-from inference.evaluate import active_units, importance_sampling, posterior_means
-from inference.svi import fit
-from models.ppca import PPCA
-from models.vae import VAE
+pyro.settings.set(module_local_params=True)  # PyroModules keep their parameters, as torch optimizers expect
+from bayeszoo.guides.amortized import AmortizedGuide, AmortizedNormal, AmortizedRank1Normal
+from bayeszoo.inference import plots
+from bayeszoo.inference.data import load_dataset
+from bayeszoo.inference.evaluate import active_units, importance_sampling, posterior_means
+from bayeszoo.inference.svi import fit
+from bayeszoo.models.ppca import PPCA
+from bayeszoo.models.vae import VAE
 
 SMOKE_TEST = os.environ.get("SMOKE_TEST") == "1"
 started = time.perf_counter()

@@ -41,13 +41,13 @@ import torch
 from pyro import poutine
 from torch import nn
 
-import models  # noqa: F401  (first: keeps Pyro parameters inside each module)
-from guides.amortized import AmortizedNormal
-from inference.data import load_dataset
-from inference.evaluate import importance_sampling
-from inference.plots import image_grid, observation_mean
-from inference.svi import evaluate_elbo, fit
-from models.vae import ConditionalVAE, label_inputs, quadrant_inputs
+pyro.settings.set(module_local_params=True)  # PyroModules keep their parameters, as torch optimizers expect
+from bayeszoo.guides.amortized import AmortizedNormal
+from bayeszoo.inference.data import load_dataset
+from bayeszoo.inference.evaluate import importance_sampling
+from bayeszoo.inference.plots import image_grid, observation_mean
+from bayeszoo.inference.svi import evaluate_elbo, fit
+from bayeszoo.models.vae import ConditionalVAE, label_inputs, quadrant_inputs
 
 SMOKE_TEST = os.environ.get("SMOKE_TEST") == "1"
 started = time.perf_counter()

@@ -41,9 +41,9 @@ import numpy as np
 import pyro
 import torch
 
-import models  # noqa: F401  (first: keeps Pyro parameters inside each module)
-from guides.amortized import AmortizedNormal
-from guides.flows import (
+pyro.settings.set(module_local_params=True)  # PyroModules keep their parameters, as torch optimizers expect
+from bayeszoo.guides.amortized import AmortizedNormal
+from bayeszoo.guides.flows import (
     MADE,
     AmortizedFlow,
     HouseholderStep,
@@ -52,11 +52,11 @@ from guides.flows import (
     RadialStep,
     SylvesterStep,
 )
-from inference.data import load_dataset
-from inference.evaluate import importance_sampling
-from inference.svi import fit
-from models.toy import Banana
-from models.vae import VAE
+from bayeszoo.inference.data import load_dataset
+from bayeszoo.inference.evaluate import importance_sampling
+from bayeszoo.inference.svi import fit
+from bayeszoo.models.toy import Banana
+from bayeszoo.models.vae import VAE
 
 SMOKE_TEST = os.environ.get("SMOKE_TEST") == "1"
 started = time.perf_counter()

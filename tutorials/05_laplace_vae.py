@@ -43,15 +43,15 @@ import matplotlib.pyplot as plt
 import pyro
 import torch
 
-import models  # noqa: F401  (first: keeps Pyro parameters inside each module)
-from guides.amortized import AmortizedNormal
-from guides.flows import AmortizedFlow
-from guides.laplace import LaplaceGuide, autograd_jacobian, relu_mlp_jacobian
-from inference.data import load_dataset
-from inference.evaluate import importance_sampling
-from inference.svi import fit
-from models.ppca import PPCA
-from models.vae import VAE
+pyro.settings.set(module_local_params=True)  # PyroModules keep their parameters, as torch optimizers expect
+from bayeszoo.guides.amortized import AmortizedNormal
+from bayeszoo.guides.flows import AmortizedFlow
+from bayeszoo.guides.vlae import VLAEGuide, autograd_jacobian, relu_mlp_jacobian
+from bayeszoo.inference.data import load_dataset
+from bayeszoo.inference.evaluate import importance_sampling
+from bayeszoo.inference.svi import fit
+from bayeszoo.models.ppca import PPCA
+from bayeszoo.models.vae import VAE
 
 SMOKE_TEST = os.environ.get("SMOKE_TEST") == "1"
 started = time.perf_counter()
@@ -208,7 +208,7 @@ exact = ppca.posterior(x_grey_test)
 log_px = ppca.log_marginal(x_grey_test)
 for steps in (0, 1, 2):
     pyro.set_rng_seed(0)
-    guide = LaplaceGuide(ppca, hidden=(), steps=steps).double()    # untrained encoder
+    guide = VLAEGuide(ppca, hidden=(), steps=steps).double()    # untrained encoder
     with torch.no_grad():
         q = guide.site_distributions(x_grey_test)["z"]
         pyro.set_rng_seed(1)
@@ -248,7 +248,7 @@ print(f"train {len(train['x'])} images (dynamic binarization), test {len(test['x
 
 GUIDES = {"VAE": lambda model: AmortizedNormal(model, hidden=HIDDEN)}
 for T in LAPLACE_T:
-    GUIDES[f"VLAE T={T}"] = lambda model, T=T: LaplaceGuide(model, hidden=HIDDEN, steps=T)
+    GUIDES[f"VLAE T={T}"] = lambda model, T=T: VLAEGuide(model, hidden=HIDDEN, steps=T)
 for T in FLOW_T:
     GUIDES[f"Householder T={T}"] = lambda model, T=T: AmortizedFlow(
         model, hidden=HIDDEN, flow="householder", flow_length=T)

@@ -51,16 +51,16 @@ import matplotlib.pyplot as plt
 import pyro
 import torch
 
-import models  # noqa: F401  (first: keeps Pyro parameters inside each module)
-from guides.weight_laplace import LaplaceGuide
-from inference import diagnostics
-from inference.bnn import train
-from inference.metrics import predictive_moments
-from inference.plots import regression_band
-from inference.predictive import predictive, score
-from inference.supervised import GAP_INTERVALS, gap_function, grid, load_supervised
-from models.bnn import BayesianNeuralNetwork
-from models.nn import mlp
+pyro.settings.set(module_local_params=True)  # PyroModules keep their parameters, as torch optimizers expect
+from bayeszoo.guides.weight_laplace import WeightLaplaceGuide
+from bayeszoo.inference import diagnostics
+from bayeszoo.inference.bnn import train
+from bayeszoo.inference.metrics import predictive_moments
+from bayeszoo.inference.plots import regression_band
+from bayeszoo.inference.predictive import predictive, score
+from bayeszoo.inference.supervised import GAP_INTERVALS, gap_function, grid, load_supervised
+from bayeszoo.models.bnn import BayesianNeuralNetwork
+from bayeszoo.models.nn import mlp
 
 SMOKE_TEST = os.environ.get("SMOKE_TEST") == "1"
 started = time.perf_counter()
@@ -227,7 +227,7 @@ for method, setting in SETTINGS.items():
     fits[method] = (model, guide, time.perf_counter() - tic)
     if method == "map":  # Laplace: a Gaussian around this MAP fit
         tic = time.perf_counter()
-        laplace = LaplaceGuide(model, guide, gap.train, structure="last-layer")
+        laplace = WeightLaplaceGuide(model, guide, gap.train, structure="last-layer")
         fits["laplace"] = (model, laplace, fits["map"][2] + time.perf_counter() - tic)
     print(f"{method:10s} {fits[method][2]:5.1f} s", flush=True)
 
@@ -384,7 +384,7 @@ for split in range(BOSTON_SPLITS):
         tic = time.perf_counter()
         if method == "laplace":  # a step from this split's MAP fit, which comes first in the list
             model, map_guide = fitted["map"]
-            guide = LaplaceGuide(model, map_guide, boston.train, structure="last-layer")
+            guide = WeightLaplaceGuide(model, map_guide, boston.train, structure="last-layer")
         else:
             model = BayesianNeuralNetwork(network(inputs=boston.x_dim), (boston.x_dim,), noise="learned")
             guide, _ = train(model, method, boston.train, options=SETTINGS[method].get("options"),

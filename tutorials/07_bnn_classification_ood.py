@@ -46,13 +46,13 @@ import pyro
 import torch
 from pyro import poutine
 
-import models  # noqa: F401  (first: keeps Pyro parameters inside each module)
-from inference import diagnostics, metrics, plots
-from inference.bnn import train
-from inference.predictive import predictive
-from inference.supervised import load_supervised, rotate_images
-from models.bnn import BayesianNeuralNetwork
-from models.nn import mlp
+pyro.settings.set(module_local_params=True)  # PyroModules keep their parameters, as torch optimizers expect
+from bayeszoo.inference import diagnostics, metrics, plots
+from bayeszoo.inference.bnn import train
+from bayeszoo.inference.predictive import predictive
+from bayeszoo.inference.supervised import load_supervised, rotate_images
+from bayeszoo.models.bnn import BayesianNeuralNetwork
+from bayeszoo.models.nn import mlp
 
 SMOKE_TEST = os.environ.get("SMOKE_TEST") == "1"
 started = time.perf_counter()

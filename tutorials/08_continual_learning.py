@@ -51,16 +51,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import models  # noqa: F401  (first: keeps Pyro parameters inside each module)
-from guides.map import MAPGuide
-from guides.mean_field import MeanFieldGuide
-from guides.reparameterization import flipout
-from inference import metrics
-from inference.predictive import predictive
-from inference.supervised import load_supervised
-from inference.svi import fit
-from models.bnn import BayesianNeuralNetwork
-from models.nn import mlp
+pyro.settings.set(module_local_params=True)  # PyroModules keep their parameters, as torch optimizers expect
+from bayeszoo.guides.map import MAPGuide
+from bayeszoo.guides.mean_field import MeanFieldGuide
+from bayeszoo.guides.reparameterization import flipout
+from bayeszoo.inference import metrics
+from bayeszoo.inference.predictive import predictive
+from bayeszoo.inference.supervised import load_supervised
+from bayeszoo.inference.svi import fit
+from bayeszoo.models.bnn import BayesianNeuralNetwork
+from bayeszoo.models.nn import mlp
 
 SMOKE_TEST = os.environ.get("SMOKE_TEST") == "1"
 started = time.perf_counter()

@@ -42,17 +42,17 @@ import matplotlib.pyplot as plt
 import pyro
 import torch
 
-import models  # noqa: F401  (first: keeps Pyro parameters inside each module)
-from guides.map import MAPGuide
-from guides.tradi import TradiGuide
-from inference import metrics, plots
-from inference.bnn import train
-from inference.predictive import predictive
-from inference.supervised import add_noise, gap_function, grid, load_supervised, rotate_images
-from inference.svi import fit
-from inference.tradi import ParticleTracker, WeightTracker
-from models.bnn import BayesianNeuralNetwork
-from models.nn import mlp
+pyro.settings.set(module_local_params=True)  # PyroModules keep their parameters, as torch optimizers expect
+from bayeszoo.guides.map import MAPGuide
+from bayeszoo.guides.tradi import TradiGuide
+from bayeszoo.inference import metrics, plots
+from bayeszoo.inference.bnn import train
+from bayeszoo.inference.predictive import predictive
+from bayeszoo.inference.supervised import add_noise, gap_function, grid, load_supervised, rotate_images
+from bayeszoo.inference.svi import fit
+from bayeszoo.inference.tradi import ParticleTracker, WeightTracker
+from bayeszoo.models.bnn import BayesianNeuralNetwork
+from bayeszoo.models.nn import mlp
 
 SMOKE_TEST = os.environ.get("SMOKE_TEST") == "1"
 started = time.perf_counter()

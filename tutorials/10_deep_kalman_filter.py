@@ -45,18 +45,18 @@ import matplotlib.pyplot as plt
 import pyro
 import torch
 
-import models  # noqa: F401  (first: keeps Pyro parameters inside each module)
-from guides.dkf import StructuredInferenceNetwork
-from inference.evaluate import importance_sampling
-from inference.sequences import (
+pyro.settings.set(module_local_params=True)  # PyroModules keep their parameters, as torch optimizers expect
+from bayeszoo.guides.dkf import StructuredInferenceNetwork
+from bayeszoo.inference.evaluate import importance_sampling
+from bayeszoo.inference.sequences import (
     krishnan_linear_model,
     linear_gaussian_dataset,
     load_nile,
     pendulum_dataset,
     per_step,
 )
-from inference.svi import evaluate_elbo, fit
-from models.dkf import DeepMarkovModel, local_level_model
+from bayeszoo.inference.svi import evaluate_elbo, fit
+from bayeszoo.models.dkf import DeepMarkovModel, local_level_model
 
 SMOKE_TEST = os.environ.get("SMOKE_TEST") == "1"
 started = time.perf_counter()

@@ -53,7 +53,7 @@ from pyro.distributions import constraints
 from torch import nn
 from torch.nn import functional as F
 
-from guides.amortized import AmortizedGuide
+from bayeszoo.guides.amortized import AmortizedGuide
 
 JACOBIANS = ("auto", "autograd", "relu")
 
@@ -267,7 +267,7 @@ def autograd_jacobian(decode: Callable, z: torch.Tensor, c: torch.Tensor | None)
     return decode(z, c), jac
 
 
-class LaplaceGuide(AmortizedGuide):
+class VLAEGuide(AmortizedGuide):
     """The Variational Laplace Autoencoder's q(z | x) = N(mu_T, Lambda(mu_T)^-1) (module
     docstring for the equations).
 

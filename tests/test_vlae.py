@@ -10,17 +10,17 @@ import torch
 from pyro.infer import Predictive, Trace_ELBO
 from torch.autograd.functional import hessian, jacobian
 
-from guides.laplace import (
-    LaplaceGuide,
+from bayeszoo.guides.vlae import (
     NotPositiveDefiniteError,
     PrecisionNormal,
+    VLAEGuide,
     autograd_jacobian,
     cholesky_with_jitter,
     relu_mlp_jacobian,
 )
-from inference.evaluate import importance_sampling, log_weight_terms
-from models.ppca import PPCA
-from models.vae import VAE, ConditionalVAE, DeepLatentGaussianModel, label_inputs, quadrant_inputs
+from bayeszoo.inference.evaluate import importance_sampling, log_weight_terms
+from bayeszoo.models.ppca import PPCA
+from bayeszoo.models.vae import VAE, ConditionalVAE, DeepLatentGaussianModel, label_inputs, quadrant_inputs
 
 D = 16
 
@@ -51,7 +51,7 @@ def test_ppca_is_exact_after_one_step(ppca, steps):
     posterior mean and covariance (to 1e-8 in float64; the issue asks 1e-4), and every
     importance weight equals p(x): ELBO = log p(x), KL(q || posterior) = 0."""
     model, x = ppca
-    guide = _randomize(LaplaceGuide(model, hidden=(), steps=steps).double())
+    guide = _randomize(VLAEGuide(model, hidden=(), steps=steps).double())
     q = guide.site_distributions(x)["z"]
     exact = model.posterior(x)
     torch.testing.assert_close(q.mean, exact.mean, atol=1e-8, rtol=0)
@@ -65,7 +65,7 @@ def test_ppca_is_exact_after_one_step(ppca, steps):
 def test_ppca_without_refinement_is_not_exact(ppca):
     """Control: with T = 0 the random encoder's mean is kept, and the ELBO falls short."""
     model, x = ppca
-    guide = _randomize(LaplaceGuide(model, hidden=(), steps=0).double())
+    guide = _randomize(VLAEGuide(model, hidden=(), steps=0).double())
     q = guide.site_distributions(x)["z"]
     torch.testing.assert_close(q.covariance_matrix, model.posterior(x).covariance_matrix)
     assert (q.mean - model.posterior(x).mean).abs().max() > 0.1
@@ -82,7 +82,7 @@ def _decoders():
 @pytest.mark.parametrize("name", ["vae", "cvae"])
 def test_closed_form_relu_jacobian_equals_autograd(name):
     model, c = _decoders()[name]
-    guide = LaplaceGuide(model, hidden=(8,)).double()
+    guide = VLAEGuide(model, hidden=(8,)).double()
     assert guide.use_closed_form
     z = 2 * torch.randn(4, 3, dtype=torch.float64)
     inputs = z if c is None else torch.cat([z, c], -1)
@@ -104,7 +104,7 @@ def test_precision_is_negative_hessian_of_log_joint(kind):
     else:
         model = _randomize(VAE(D, z_dim=3, hidden=(12, 10), likelihood=kind).double())
         c = None
-    guide = LaplaceGuide(model, hidden=(8,)).double()
+    guide = VLAEGuide(model, hidden=(8,)).double()
     x = torch.bernoulli(torch.full((3, D), 0.4, dtype=torch.float64))
     mu = torch.randn(3, 3, dtype=torch.float64)
     precision, gradient, log_joint_at_mu = guide.newton_terms(mu, x, c)
@@ -127,7 +127,7 @@ def test_refinement_never_lowers_the_log_joint_and_gradients_flow():
     torch.manual_seed(0)
     model = _randomize(VAE(D, z_dim=3, hidden=(12,)), scale=1.0)
     x = torch.bernoulli(torch.full((40, D), 0.4))
-    guide = LaplaceGuide(model, hidden=(8,), steps=4)
+    guide = VLAEGuide(model, hidden=(8,), steps=4)
     mu0 = guide.heads["z"](guide.trunk(x))
 
     def log_joint(z):
@@ -167,7 +167,7 @@ def _latent_models():
 @pytest.mark.parametrize("name", list(_latent_models()))
 def test_guide_broadcasts_over_particles(name):
     model, inputs = _latent_models()[name]
-    guide = LaplaceGuide(model, hidden=(8,), steps=2)
+    guide = VLAEGuide(model, hidden=(8,), steps=2)
     data = inputs(torch.bernoulli(torch.full((5, D), 0.4)))
     elbo = Trace_ELBO(num_particles=7, vectorize_particles=True, max_plate_nesting=1)
     assert math.isfinite(elbo.loss(model, guide, **data))
@@ -195,11 +195,11 @@ def test_precision_normal_matches_multivariate_normal():
 
 def test_clear_errors():
     with pytest.raises(ValueError, match="one latent site"):
-        LaplaceGuide(DeepLatentGaussianModel(D, z_dims=(4, 3), hidden=8))
+        VLAEGuide(DeepLatentGaussianModel(D, z_dims=(4, 3), hidden=8))
     with pytest.raises(ValueError, match="nn.Linear and nn.ReLU"):
-        LaplaceGuide(PPCA(D, 2), jacobian="relu")
+        VLAEGuide(PPCA(D, 2), jacobian="relu")
     with pytest.raises(ValueError, match="steps"):
-        LaplaceGuide(PPCA(D, 2), steps=-1)
+        VLAEGuide(PPCA(D, 2), steps=-1)
     singular = torch.tensor([[[1.0, 1.0], [1.0, 1.0]], [[2.0, 0.0], [0.0, 1.0]]], dtype=torch.float64)
     factor = cholesky_with_jitter(singular)  # jitter rescues a singular PSD matrix
     assert torch.isfinite(factor).all()
