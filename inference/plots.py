@@ -9,6 +9,8 @@ legend naming each line and band, placed outside the axes so that it covers no d
 
 from __future__ import annotations
 
+import textwrap
+
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
@@ -39,7 +41,13 @@ def image_grid(rows: list[torch.Tensor], image_shape, titles: list[str] | None =
                size: float = 1.0, title: str | None = None):
     """One row of images per tensor in ``rows``; ``titles`` label the rows, ``title`` the figure."""
     columns = max(len(r) for r in rows)
-    fig, axes = plt.subplots(len(rows), columns, figsize=(size * columns, size * len(rows)),
+    width = size * columns
+    # Wrap the title to the figure's width (about 9 characters per inch at the default font size)
+    # and give each of its lines a third of an inch, so a grid of few images neither cuts the
+    # title off nor shrinks its images to make room for it.
+    title = textwrap.fill(title, max(20, int(9 * width))) if title is not None else None
+    title_height = 0.35 * (title.count("\n") + 1) if title is not None else 0.0
+    fig, axes = plt.subplots(len(rows), columns, figsize=(width, size * len(rows) + title_height),
                              squeeze=False)
     for i, row in enumerate(rows):
         for j, image in enumerate(_images(row, image_shape)):
@@ -67,7 +75,7 @@ def samples(model, image_shape, count: int = 10, rows: int = 2, **inputs):
     if "c" in inputs:
         means = observation_mean(model, **inputs)
         return image_grid([means], image_shape, ["samples"],
-                          title="samples E[x | z], z ~ p(z | c), one per given context c")
+                          title="samples given a context c: E[x | z], z ~ p(z | c)")
     means = observation_mean(model, batch_size=count * rows)
     return image_grid(list(means.split(count)), image_shape,
                       title="samples from the model: E[x | z], z ~ p(z)")
