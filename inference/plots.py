@@ -87,7 +87,8 @@ def latent_scatter(means: torch.Tensor, labels: torch.Tensor, title: str = "late
     more than 2 dims.
 
     Up to 10 classes get one tab10 colour and one legend entry each (classes are categories, so
-    a colour bar would suggest an order); beyond 10 the colours repeat, so a colour bar is drawn.
+    a colour bar would suggest an order). tab10 has no eleventh colour and a legend of dozens of
+    entries is unreadable, so more classes get a continuous colour bar labelled "class".
     """
     points = means.detach().cpu()
     labels = labels.detach().cpu()
