@@ -93,10 +93,11 @@ def installed(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("packaging")
     wheel = _build_wheel(tmp)
     venv = tmp / "fresh"
-    _check(_run([getattr(sys, "_base_executable", sys.executable), "-m", "venv", venv]))
+    # no pip of its own (ensurepip costs ~5 s of CPU): the dev venv's pip installs into it (--python)
+    _check(_run([getattr(sys, "_base_executable", sys.executable), "-m", "venv", "--without-pip", venv]))
     python, bin_dir = venv / "bin" / "python", venv / "bin"
-    _check(_run([python, "-m", "pip", "install", "--no-deps", "--no-index", "--quiet",
-                 "--disable-pip-version-check", wheel]))
+    _check(_run([sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--no-index",
+                 "--quiet", "--disable-pip-version-check", wheel]))
     site = _site_packages(python)
     # written after the install, so pip never sees the dev venv's bayeszoo metadata
     (site / "zz_dev_venv_dependencies.pth").write_text("\n".join(_dev_site_packages()) + "\n")
