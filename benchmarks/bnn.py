@@ -34,19 +34,29 @@ Writes ``results/bnn.json`` and ``results/bnn.md`` (``bnn_quick.*`` with ``--qui
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
 import os
-import platform
 import statistics
-import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyro
 import torch
+from common import (
+    RESULTS,
+    EpochClock,
+    add_threads_argument,
+    after_warmup,
+    fmt_bytes,
+    fmt_mean_se,
+    mean_se,
+    median_or_nan,
+    new_report,
+    now,
+    set_threads,
+    write,
+)
 from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
@@ -63,7 +73,6 @@ from bayeszoo.models.nn import mlp
 
 pyro.settings.set(module_local_params=True)  # PyroModules keep their parameters, as torch optimizers expect
 
-RESULTS = Path(__file__).resolve().parents[1] / "results"
 METHODS = ("map", "meanfield", "lrt", "flipout", "mcdropout", "ensemble", "laplace", "sgld", "sghmc",
            "tradi")
 WIDE_METHODS = ("map", "meanfield", "lrt", "flipout", "mcdropout", "ensemble", "sgld", "tradi")
@@ -116,36 +125,6 @@ NUTS_SKIPPED = (
 
 # ----------------------------------------------------------------------------------------------
 # Timing
-
-
-class EpochClock:
-    """A batch transform that returns the minibatch unchanged and stamps the wall and CPU clocks.
-
-    ``fit`` calls it once per training minibatch (and once while it sets up), so the CPU seconds
-    between the first minibatches of consecutive epochs are one epoch's CPU time, measured from
-    outside ``fit`` without touching it.
-    """
-
-    def __init__(self, steps_per_epoch: int):
-        self.steps_per_epoch = steps_per_epoch
-        self.stamps: list[tuple[float, float]] = []
-
-    def __call__(self, batch: dict, generator) -> dict:
-        self.stamps.append((time.perf_counter(), time.process_time()))
-        return batch
-
-    def cpu_seconds(self, epochs: int) -> list[float]:
-        """CPU seconds of epochs 1..epochs-1 (0-based; the last one has no next start stamp)."""
-        starts = self.stamps[-epochs * self.steps_per_epoch::self.steps_per_epoch]
-        return [b[1] - a[1] for a, b in zip(starts[:-1], starts[1:], strict=True)]
-
-
-def after_warmup(values: list[float]) -> list[float]:
-    return values[1:] if len(values) > 1 else values
-
-
-def median_or_nan(values: list[float]) -> float:
-    return statistics.median(values) if values else math.nan
 
 
 def timed_epochs(step, data: dict, epochs: int, batch_size: int, seed: int) -> dict:
@@ -321,14 +300,6 @@ def plain_scores(net: nn.Module, dataset) -> dict:
         return result
 
 
-def mean_se(values: list[float]) -> dict:
-    if any(math.isnan(v) for v in values):
-        return {"mean": math.nan, "se": math.nan, "n": len(values), "values": values}
-    mean = statistics.fmean(values)
-    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.nan
-    return {"mean": mean, "se": se, "n": len(values), "values": values}
-
-
 # ----------------------------------------------------------------------------------------------
 # The experiments
 
@@ -440,44 +411,7 @@ def nuts(cfg: Config) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# Environment and report
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def environment() -> dict:
-    return {"torch": torch.__version__, "pyro": pyro.__version__, "python": platform.python_version(),
-            "device": "cpu", "cpu": cpu_model(), "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "load_average_at_start": os.getloadavg()}
-
-
-def now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-def new_report(name: str, cfg) -> dict:
-    """The head every benchmark report starts with: the command, date, config and machine."""
-    return {"benchmark": name, "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-            "date": now(), "config": asdict(cfg), "environment": environment()}
-
-
-def fmt_bytes(n: int) -> str:
-    return f"{n:,}"
-
-
-def fmt_se(stat: dict, digits: int = 2) -> str:
-    if math.isnan(stat["mean"]):
-        return "n/a"
-    se = "" if math.isnan(stat["se"]) else f" ± {stat['se']:.{digits}f}"
-    return f"{stat['mean']:.{digits}f}{se}"
+# Report
 
 
 def speed_table(report: dict) -> list[str]:
@@ -583,7 +517,7 @@ def markdown(report: dict) -> str:
     ]
     for method in ("plain", *METHODS):
         s = bos["summary"][method]
-        lines.append(f"| {LABELS[method]} | {fmt_se(s['rmse'])} | {fmt_se(s['nll'])} | "
+        lines.append(f"| {LABELS[method]} | {fmt_mean_se(s['rmse'])} | {fmt_mean_se(s['nll'])} | "
                      f"{fmt_bytes(s['memory_bytes'])} | {s['train_seconds']:.1f} |")
     lines += [
         "",
@@ -639,7 +573,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--nuts-warmup", type=int, help="NUTS warm-up iterations per chain (default 100)")
     parser.add_argument("--nuts-samples", type=int, help="NUTS draws per chain (default 100; 0 skips NUTS)")
     parser.add_argument("--nuts-chains", type=int, help="default 1")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    add_threads_argument(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="a small configuration to check the script")
     parser.add_argument("--out", type=Path, help="output stem (default results/bnn or results/bnn_quick)")
@@ -662,8 +596,7 @@ def config_from(args: argparse.Namespace) -> Config:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     cfg = config_from(args)
     started = time.perf_counter()
     report = new_report("bnn", cfg)
@@ -678,29 +611,8 @@ def main(argv=None) -> dict:
     report["finished"] = now()
     report["seconds"] = time.perf_counter() - started
     report["load_average_at_end"] = os.getloadavg()
-    write(report, args.out or RESULTS / ("bnn_quick" if args.quick else "bnn"))
+    write(report, args.out or RESULTS / ("bnn_quick" if args.quick else "bnn"), markdown)
     return report
-
-
-def finite(obj):
-    """NaN (e.g. the plain network's missing NLL) as JSON null."""
-    if isinstance(obj, float) and math.isnan(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [finite(v) for v in obj]
-    return obj
-
-
-def write(report: dict, stem: Path, render=None) -> None:
-    """``stem``.json (the report) and ``stem``.md (``render(report)``, this file's table by default)."""
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    text = (render or markdown)(report)
-    stem.with_suffix(".json").write_text(json.dumps(finite(report), indent=2) + "\n")
-    stem.with_suffix(".md").write_text(text)
-    print(text)
-    print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.md')}")
 
 
 if __name__ == "__main__":
