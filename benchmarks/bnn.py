@@ -22,8 +22,9 @@ Flipout, MC dropout, a 5-member deep ensemble, last-layer Laplace, SGLD, SGHMC, 
    and Gaussian NLL in the data's units, mean and standard error over ``--splits`` splits).
 3. **Digits** (8x8 scikit-learn digits; classes 8 and 9 held out as out-of-distribution
    inputs): accuracy, NLL, ECE (15 bins), and OOD AUROC from the predictive entropy.
-4. **Posterior memory**, bytes of the tensors that make up each posterior
-   (``inference.metrics.memory_bytes``).
+4. **Posterior memory**, bytes of the tensors that make up each posterior: the guide's
+   parameters and buffers, each tensor once (``inference.metrics.memory_bytes(guide)``, the figure
+   the CLI writes to ``metrics.json``; the plain network: its weights).
 5. **NUTS** on a small Boston net (13-10-1), split 0: one chain started at the MAP point with
    the potential compiled by TorchScript (``nuts_init="map"``, ``nuts_jit``), 100 warm-up + 100
    draws by default (``--nuts-samples 0`` skips it). Its RMSE/NLL is for split 0 only.
@@ -62,7 +63,6 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from bayeszoo.guides.samples import WeightSamples
-from bayeszoo.guides.weight_laplace import WeightLaplaceGuide
 from bayeszoo.inference import metrics
 from bayeszoo.inference.bnn import train
 from bayeszoo.inference.metrics import memory_bytes
@@ -273,15 +273,6 @@ def make_pair(dataset, hidden: tuple[int, ...], cfg: Config, seed: int, noise="l
     return model, net
 
 
-def posterior_bytes(guide) -> int:
-    """Bytes of the posterior. A last-layer Laplace guide keeps the other layers' MAP weights in a
-    plain dict that ``memory_bytes(guide)`` does not see; they are part of its posterior."""
-    total = memory_bytes(guide)
-    if isinstance(guide, WeightLaplaceGuide):
-        total += memory_bytes({k: v for k, v in guide.point.items() if k not in guide.selected})
-    return total
-
-
 def predictive_samples(method: str, guide, cfg: Config) -> int:
     if isinstance(guide, WeightSamples):
         return guide.num_members  # ensemble members, SG-MCMC and NUTS draws: each once
@@ -319,7 +310,7 @@ def boston(cfg: Config) -> dict:
                 guide, timing = run_method(model, method, data.train, cfg, cfg.boston_epochs,
                                            cfg.boston_batch_size, cfg.boston_lr, cfg.seed)
                 scores = score(model, guide, data, num_samples=predictive_samples(method, guide, cfg))
-                memory = posterior_bytes(guide)
+                memory = memory_bytes(guide)
             rows[method].append({"split": split, "rmse": scores["rmse"], "nll": scores["nll"],
                                  "memory_bytes": memory, **timing})
     summary = {}
@@ -356,7 +347,7 @@ def digits(cfg: Config) -> dict:
             guide, timing = run_method(model, method, data.train, cfg, cfg.digits_epochs,
                                        cfg.digits_batch_size, cfg.digits_lr, cfg.seed)
             samples = predictive_samples(method, guide, cfg)
-            scores, memory = score(model, guide, data, num_samples=samples), posterior_bytes(guide)
+            scores, memory = score(model, guide, data, num_samples=samples), memory_bytes(guide)
         rows[method] = {"accuracy": scores["accuracy"], "nll": scores["nll"], "brier": scores["brier"],
                         "ece": scores["ece"], "ood_auroc_entropy": scores["ood"]["entropy"]["auroc"],
                         "ood": scores["ood"], "predictive_samples": samples, "memory_bytes": memory,
@@ -407,7 +398,7 @@ def nuts(cfg: Config) -> dict:
     iterations = cfg.nuts_chains * (cfg.nuts_warmup + cfg.nuts_samples)
     return {"net": f"13-{cfg.nuts_hidden}-1", "split": 0, "rmse": scores["rmse"], "nll": scores["nll"],
             "seconds": seconds, "seconds_per_iteration": seconds / iterations, "draws": guide.num_members,
-            "memory_bytes": posterior_bytes(guide), "load_average": os.getloadavg()}
+            "memory_bytes": memory_bytes(guide), "load_average": os.getloadavg()}
 
 
 # ----------------------------------------------------------------------------------------------
