@@ -57,9 +57,14 @@ TEMPLATE = """{%- extends 'index.html.j2' -%}
 {%- block body_header -%}{{ super() }}<!-- course:top -->{%- endblock body_header -%}
 {% block body_footer %}<!-- course:bottom -->{{ super() }}{% endblock body_footer %}
 """
-# tqdm.auto, imported by Pyro, warns when the kernel has no ipywidgets and falls back to
-# text progress bars; that fallback is what a static page wants, so the warning is noise.
-KERNEL_SETUP = "import warnings; warnings.filterwarnings('ignore', message='IProgress not found')"
+# Run in the kernel before the first cell, to keep two warnings nobody reading the page can act
+# on out of it: tqdm.auto (imported by Pyro) warns when the kernel has no ipywidgets and falls
+# back to text bars, which is what a static page wants; and torch's own forward-mode autograd
+# (torch.func.jacfwd, chapter 5's VLAE) calls the deprecated torch.jit.script on first use.
+KERNEL_SETUP = ("import warnings; "
+                "warnings.filterwarnings('ignore', message='IProgress not found'); "
+                "warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated', "
+                "category=FutureWarning, module='torch')")
 
 
 @dataclass
@@ -382,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("build/course"))
     parser.add_argument("--no-browser-check", action="store_true")
     args = parser.parse_args(argv)
-    log = lambda line: print(line, flush=True)  # noqa: E731
+    log = lambda line: print(line, flush=True)
     build_course(args.out, args.tutorials or installed_tutorials(), log=log)
     chromium = find_chromium()
     if args.no_browser_check or chromium is None:

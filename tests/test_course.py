@@ -30,7 +30,10 @@ FIGURE_CHAPTER = """# %% [markdown]
 
 # %%
 import matplotlib.pyplot as plt
+import torch
 import tqdm.auto  # warns in a kernel without ipywidgets unless the builder silences it
+
+torch.func.jacfwd(torch.sin)(torch.zeros(()))  # torch's first forward-mode use warns about torch.jit
 
 plt.plot([0, 1], [0, 2])
 plt.show()
