@@ -13,7 +13,7 @@ import torch
 from pyro.nn import PyroModule
 from torch import nn
 
-from bayeszoo.guides.weights import weight_sites
+from bayeszoo.guides.weights import PointMass, submodule, weight_sites
 
 
 class MAPGuide(PyroModule):
@@ -24,18 +24,24 @@ class MAPGuide(PyroModule):
         # Positive scales are optimised in unconstrained (log) space, so steps cannot leave the support.
         self.loc = nn.ParameterDict({
             s.key: nn.Parameter(self.transforms[s.name].inv(s.initial).clone()) for s in self.sites})
+        # Weights and biases live in their own (real) space: no transform to call on them per step.
+        self._constrained = {s.name: self.transforms[s.name] for s in self.sites if not s.is_real}
 
     def point(self) -> dict[str, torch.Tensor]:
         """The point estimate of every site, in its own support."""
-        loc = self.loc  # one attribute read: PyroModule issues a pyro.module statement for each
-        return {s.name: self.transforms[s.name](loc[s.key]) for s in self.sites}
+        loc = submodule(self, "loc")
+        point = {}
+        for s in self.sites:
+            transform = self._constrained.get(s.name)
+            point[s.name] = loc[s.key] if transform is None else transform(loc[s.key])
+        return point
 
     def named_weights(self) -> dict[str, nn.Parameter]:
         """The unconstrained parameters, one per site (what SGLD, Laplace and TRADI work on)."""
-        loc = self.loc
+        loc = submodule(self, "loc")
         return {s.name: loc[s.key] for s in self.sites}
 
     def forward(self, *args, **kwargs) -> dict[str, torch.Tensor]:
         point = self.point()
-        return {s.name: pyro.sample(s.name, dist.Delta(point[s.name], event_dim=s.event_dim))
+        return {s.name: pyro.sample(s.name, PointMass(point[s.name], event_dim=s.event_dim))
                 for s in self.sites}

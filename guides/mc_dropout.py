@@ -16,11 +16,10 @@ across the minibatch (dropping weight columns, as in the paper's derivation), no
 from __future__ import annotations
 
 import pyro
-import pyro.distributions as dist
 import torch
 
 from bayeszoo.guides.map import MAPGuide
-from bayeszoo.guides.weights import sample_batch
+from bayeszoo.guides.weights import PointMass, sample_batch
 
 
 class MCDropoutGuide(MAPGuide):
@@ -47,5 +46,5 @@ class MCDropoutGuide(MAPGuide):
             value = point[site.name]
             if site.name in self.dropped and self.p > 0:
                 value = value * self._mask(site, batch, value.device)
-            values[site.name] = pyro.sample(site.name, dist.Delta(value, event_dim=site.event_dim))
+            values[site.name] = pyro.sample(site.name, PointMass(value, event_dim=site.event_dim))
         return values

@@ -24,11 +24,48 @@ import torch.nn.functional as F
 from pyro.nn import PyroModule
 from torch import nn
 
-from bayeszoo.guides.weights import weight_sites
+from bayeszoo.guides.weights import submodule, weight_sites
+from bayeszoo.models.bnn import sum_of_squares
 
 
 def _inverse_softplus(y: float) -> float:
     return y + math.log(-math.expm1(-y))
+
+
+class DiagonalNormal(dist.Independent):
+    """``Normal(loc, scale).to_event(k)`` that keeps the standard normal draw of its last sample.
+
+    At its own draw w = mu + sigma * eps the density needs no pass over w - mu:
+
+        log q(w) = -|eps|^2 / 2 - sum log sigma - n/2 log 2 pi,
+
+    the value of ``Normal.log_prob`` there, and the same gradient: through w and through
+    (mu, sigma) the full form's terms cancel to d/dmu = 0 and d/dsigma = -1/sigma, which is what
+    this form gives directly. Pyro computes the guide's log density at every step; the
+    closed-form KL of ``TraceMeanField_ELBO`` never uses it, and on a 784-400-400-8 network the
+    full form took about a sixth of the step. Any other value, or a draw with a sample shape,
+    goes through the ordinary Independent Normal. The draw is ``torch.distributions.Normal``'s own
+    (the same random numbers for the same seed).
+    """
+
+    _draw: tuple[torch.Tensor, torch.Tensor] | None = None  # (w, eps) of the last rsample()
+
+    def rsample(self, sample_shape=()):
+        if sample_shape:
+            return super().rsample(torch.Size(sample_shape))
+        base = self.base_dist
+        eps = torch.empty(base.batch_shape, dtype=base.loc.dtype, device=base.loc.device).normal_()
+        value = base.loc + eps * base.scale
+        self._draw = (value, eps)
+        return value
+
+    def log_prob(self, value):
+        if self._draw is None or value is not self._draw[0]:
+            return super().log_prob(value)
+        eps, events = self._draw[1], self.reinterpreted_batch_ndims
+        log_sigma = self.base_dist.scale.log().sum(tuple(range(-events, 0)))
+        return (-0.5 * sum_of_squares(eps, events) - log_sigma
+                - 0.5 * self.event_shape.numel() * math.log(2 * math.pi))
 
 
 class MeanFieldGuide(PyroModule):
@@ -40,6 +77,7 @@ class MeanFieldGuide(PyroModule):
             s.key: nn.Parameter(self.transforms[s.name].inv(s.initial).clone()) for s in self.sites})
         self.rho = nn.ParameterDict({
             s.key: nn.Parameter(torch.full(s.shape, _inverse_softplus(init_scale))) for s in self.sites})
+        self._constrained = {s.name: self.transforms[s.name] for s in self.sites if not s.is_real}
 
     def posterior(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(mu, sigma) of a site, in unconstrained space."""
@@ -47,13 +85,16 @@ class MeanFieldGuide(PyroModule):
         return self.loc[key], F.softplus(self.rho[key])
 
     def forward(self, *args, **kwargs) -> dict[str, torch.Tensor]:
-        # Each read of ``self.loc`` is a pyro.module statement over all its parameters: read once.
-        locs, rhos = self.loc, self.rho
+        locs, rhos = submodule(self, "loc"), submodule(self, "rho")
         values = {}
         for site in self.sites:
             loc, scale = locs[site.key], F.softplus(rhos[site.key])
-            q = dist.Normal(loc, scale).to_event(site.event_dim)
-            if not site.is_real:
-                q = dist.TransformedDistribution(q, self.transforms[site.name])
+            if site.name in self._constrained:
+                q = dist.TransformedDistribution(dist.Normal(loc, scale).to_event(site.event_dim),
+                                                 self._constrained[site.name])
+            elif site.event_dim:
+                q = DiagonalNormal(dist.Normal(loc, scale), site.event_dim)
+            else:
+                q = dist.Normal(loc, scale)
             values[site.name] = pyro.sample(site.name, q)
         return values

@@ -13,10 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pyro
+import pyro.distributions as dist
 import torch
 from pyro.distributions import constraints
 from pyro.poutine.runtime import get_plates
 from pyro.poutine.util import site_is_subsample
+from torch import nn
 
 DATA_PLATE = "data"
 
@@ -44,6 +46,33 @@ class WeightSite:
     def key(self) -> str:
         """The site name as a module attribute key (PyTorch forbids dots there)."""
         return self.name.replace(".", "__")
+
+
+def submodule(module: nn.Module, name: str) -> nn.Module:
+    """``module.<name>`` read past ``PyroModule.__getattr__``, for a guide's hot path.
+
+    On a PyroModule, reading a plain submodule (a guide's ``nn.ParameterDict``) sends one
+    ``pyro.param`` message per parameter through the effect stack. With module-local parameters
+    nothing consumes them (a torch optimizer holds the parameters, ``inference.svi.fit``'s
+    ELBOs ignore param sites) and they were ~15% of a mean-field guide's trace; a guide reads
+    its own parameters directly instead.
+    """
+    return module._modules[name]
+
+
+class PointMass(dist.Delta):
+    """Delta(v): a draw is ``v`` itself, and the log density there costs no pass over v.
+
+    ``Delta.log_prob(x)`` compares every entry, log(x == v) summed (four passes over a weight
+    tensor), to return the constant ``log_density`` with no gradient; at its own draw this returns
+    that constant directly. Any other value goes through ``Delta.log_prob``.
+    """
+
+    def rsample(self, sample_shape=()):
+        return super().rsample(torch.Size(sample_shape)) if sample_shape else self.v
+
+    def log_prob(self, x):
+        return self.log_density if x is self.v else super().log_prob(x)
 
 
 def weight_sites(model) -> list[WeightSite]:

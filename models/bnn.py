@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 
 import pyro
 import pyro.distributions as dist
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from pyro.distributions import constraints
 from pyro.nn import PyroModule, PyroSample
 from pyro.nn.module import to_pyro_module_
-from pyro.poutine.runtime import effectful
+from pyro.poutine.runtime import _PYRO_STACK, effectful
 from pyro.poutine.util import site_is_subsample
 from torch import nn
 from torch.distributions import Independent, Normal, register_kl
@@ -78,11 +79,10 @@ def batched_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     """x (*batch, in) @ weight (*wbatch, out, in)^T + bias (*wbatch, out), batches broadcast."""
     weight_batch = weight.shape[:-2]
     if not weight_batch:
-        out = x @ weight.transpose(-1, -2)
-    else:
-        arranged, grouped, restore = _weights_outer(x, 1, weight_batch)
-        w = weight.reshape(*grouped, *weight.shape[-2:])
-        out = restore(arranged @ w.transpose(-1, -2), 1)
+        return F.linear(x, weight, bias)  # one fused matmul-and-add
+    arranged, grouped, restore = _weights_outer(x, 1, weight_batch)
+    w = weight.reshape(*grouped, *weight.shape[-2:])
+    out = restore(arranged @ w.transpose(-1, -2), 1)
     return out if bias is None else out + bias
 
 
@@ -102,6 +102,17 @@ def batched_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     out = out.reshape(out.shape[0], num_samples, -1, *out.shape[-2:]).transpose(0, 1)
     out = restore(out.reshape(*grouped, -1, *out.shape[-3:]), 3)
     return out if bias is None else out + bias[..., None, None]
+
+
+def handled(kind: str) -> bool:
+    """Whether an effect handler on Pyro's stack handles ``kind`` ("linear", "conv2d") messages.
+
+    A layer sends its operation through the effect stack only then: unhandled, the message would
+    reach ``batched_linear`` / ``batched_conv2d`` anyway, after a pass over every handler on the
+    stack (a trace, the ELBO's scales, a plate) that ignores it.
+    """
+    method = f"_pyro_{kind}"
+    return any(hasattr(frame, method) for frame in _PYRO_STACK)
 
 
 @effectful(type="linear")
@@ -157,9 +168,10 @@ class _WeightLayer(PyroModule):
         if hierarchical:
             self.prior_scale = PyroSample(dist.HalfNormal(torch.tensor(float(std))))
         for name, value in self.initial.items():
-            # Built at every draw, so Pyro's validation switch applies to it.
-            prior = (lambda module, shape=value.shape: IsotropicNormal(module.prior_scale, shape)) \
-                if hierarchical else (lambda module, shape=value.shape: IsotropicNormal(std, shape))
+            if hierarchical:  # its scale is this layer's draw of prior_scale: built at every draw
+                prior = _scaled_by_layer(value.shape)
+            else:  # a fixed distribution: built (and its scale validated) once, not at every step
+                prior = IsotropicNormal(float(std), value.shape)
             setattr(self, name, PyroSample(prior))
         self.bayesian = True
 
@@ -173,19 +185,38 @@ class _WeightLayer(PyroModule):
         return self._pyro_get_fullname(name)
 
 
+def sum_of_squares(x: torch.Tensor, event_dims: int) -> torch.Tensor:
+    """sum of x^2 over the last ``event_dims`` dimensions, one dot product per batch entry.
+
+    ``x.pow(2).sum()`` takes two passes over x and its backward goes through the general power
+    kernel: on a 400 x 784 weight the backward measured 2.2 ms against 0.46 ms for the dot product.
+    """
+    if event_dims == 0:
+        return x * x
+    flat = x.reshape(x.shape[:x.dim() - event_dims] + (-1,))
+    return torch.linalg.vecdot(flat, flat)
+
+
+def _scaled_by_layer(shape: torch.Size):
+    """The prior N(0, s^2 I) of a hierarchical layer, s being the layer's ``prior_scale`` draw."""
+    return lambda module: IsotropicNormal(module.prior_scale, shape)
+
+
 class IsotropicNormal(dist.TorchDistribution):
     """N(0, scale^2 I) over a whole weight tensor: one event of shape ``event_shape``.
 
     The density of ``Normal(0, scale).expand(shape).to_event(k)``, computed in one pass over the
     weights, -|w|^2 / (2 scale^2) - n log scale - n/2 log 2 pi: the expanded Normal materialises
     log(scale) and a standardised copy for every weight, which dominated the cost of a step.
-    ``scale`` may carry batch (sample) dimensions, as a hierarchical prior's scale does.
+    ``scale`` may carry batch (sample) dimensions, as a hierarchical prior's scale does; a
+    Python number (a fixed prior) keeps the constants in Python, so they cost no tensor operation.
     """
 
     arg_constraints = {"scale": constraints.positive}
     has_rsample = True
 
     def __init__(self, scale, event_shape: torch.Size, validate_args=None):
+        self.fixed_scale = float(scale) if isinstance(scale, numbers.Real) else None
         self.scale = torch.as_tensor(scale, dtype=torch.get_default_dtype())
         super().__init__(self.scale.shape, torch.Size(event_shape), validate_args=validate_args)
 
@@ -194,7 +225,9 @@ class IsotropicNormal(dist.TorchDistribution):
         return constraints.independent(constraints.real, len(self.event_shape))
 
     def expand(self, batch_shape, _instance=None):
-        return IsotropicNormal(self.scale.expand(batch_shape), self.event_shape)
+        new = IsotropicNormal(self.scale.expand(batch_shape), self.event_shape)
+        new.fixed_scale = self.fixed_scale
+        return new
 
     def _scale(self) -> torch.Tensor:
         return self.scale[(...,) + (None,) * len(self.event_shape)]
@@ -204,11 +237,22 @@ class IsotropicNormal(dist.TorchDistribution):
         return torch.randn(shape, dtype=self.scale.dtype, device=self.scale.device) * self._scale()
 
     def log_prob(self, value):
-        event_dims = tuple(range(-len(self.event_shape), 0))
         count = self.event_shape.numel()
-        squares = value.pow(2).sum(event_dims) if event_dims else value.pow(2)
-        return (-0.5 * squares / self.scale**2 - count * self.scale.log()
-                - 0.5 * count * math.log(2 * math.pi))
+        squares = sum_of_squares(value, len(self.event_shape))
+        if self.fixed_scale is None:
+            return (-0.5 * squares / self.scale**2 - count * self.scale.log()
+                    - 0.5 * count * math.log(2 * math.pi))
+        s = self.fixed_scale
+        log_p = squares * (-0.5 / s**2) - count * (math.log(s) + 0.5 * math.log(2 * math.pi))
+        return _broadcast_to_batch(log_p, self.batch_shape)
+
+
+def _broadcast_to_batch(value: torch.Tensor, batch_shape: torch.Size) -> torch.Tensor:
+    """A fixed-scale density or KL has the shape of its argument; the distribution's batch shape
+    (an expanded prior) may be larger, and that is the shape owed."""
+    if not batch_shape or value.shape == batch_shape:
+        return value
+    return value.expand(torch.broadcast_shapes(value.shape, batch_shape))
 
 
 @register_kl(Independent, IsotropicNormal)
@@ -222,10 +266,16 @@ def _kl_diagonal_normal_isotropic_normal(q, p):
     base = q.base_dist
     if not isinstance(base, Normal) or q.reinterpreted_batch_ndims != len(p.event_shape):
         raise NotImplementedError
-    dims = tuple(range(-len(p.event_shape), 0))
+    event_dims = len(p.event_shape)
+    dims = tuple(range(-event_dims, 0))
     count = p.event_shape.numel()
-    squares = (base.loc.pow(2) + base.scale.pow(2)).sum(dims)
-    return count * p.scale.log() - base.scale.log().sum(dims) + 0.5 * squares / p.scale**2 - 0.5 * count
+    squares = sum_of_squares(base.loc, event_dims) + sum_of_squares(base.scale, event_dims)
+    log_sigma = base.scale.log().sum(dims)
+    if p.fixed_scale is None:
+        return count * p.scale.log() - log_sigma + 0.5 * squares / p.scale**2 - 0.5 * count
+    s = p.fixed_scale
+    kl = squares * (0.5 / s**2) - log_sigma + count * (math.log(s) - 0.5)
+    return _broadcast_to_batch(kl, p.batch_shape)
 
 
 def as_global(value: torch.Tensor | None, event_dim: int) -> torch.Tensor | None:
@@ -248,7 +298,9 @@ class Linear(_WeightLayer):
 
     def forward(self, x):
         weight, bias = as_global(self.weight, 2), as_global(self.bias, 1)
-        return linear(x, weight, bias, name=self.site("weight"))
+        if handled("linear"):
+            return linear(x, weight, bias, name=self.site("weight"))
+        return batched_linear(x, weight, bias)
 
 
 class Conv2d(_WeightLayer):
@@ -261,7 +313,9 @@ class Conv2d(_WeightLayer):
 
     def forward(self, x):
         weight, bias = as_global(self.weight, 4), as_global(self.bias, 1)
-        return conv2d(x, weight, bias, name=self.site("weight"), **self.options)
+        if handled("conv2d"):
+            return conv2d(x, weight, bias, name=self.site("weight"), **self.options)
+        return batched_conv2d(x, weight, bias, **self.options)
 
 
 class Flatten(nn.Module):
@@ -320,8 +374,22 @@ def bayesian(net: nn.Module, input_shape: tuple[int, ...], prior: str = "fan_in"
     for name, module in net.named_modules():
         if isinstance(module, _WeightLayer) and name not in deterministic:
             module.set_prior(prior_scale, prior != "normal", prior == "hierarchical")
-    to_pyro_module_(net)
+    _to_pyro_containers(net)
     return net
+
+
+def _to_pyro_containers(module: nn.Module) -> None:
+    """Make ``module`` and every submodule holding others a PyroModule, bottom-up, in place, so
+    each weight layer gets its site names ("net.0.weight"). Parameter-free leaves (activations,
+    pooling, flatten, dropout) stay plain modules: as PyroModules every call of theirs would
+    open and close a Pyro context for nothing."""
+    for child in module.children():
+        if any(True for _ in child.children()):
+            _to_pyro_containers(child)
+    order = list(module._modules)
+    to_pyro_module_(module, recurse=False)
+    # Pyro re-adds each PyroModule child, which moves it to the end: a Sequential keeps its order.
+    module._modules = {name: module._modules[name] for name in order}
 
 
 def _trailing_dims(net: nn.Module, input_shape) -> dict[str, int]:

@@ -611,3 +611,162 @@ def test_continual_learning_prior_is_the_previous_posterior():
         assert torch.equal(prior.loc, loc) and torch.equal(prior.scale, scale)
     with pytest.raises(ValueError, match="no weight sites"):
         model.set_gaussian_prior({"net.9.weight": posterior["net.0.weight"]})
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. The per-step fast paths against the plain Pyro computation they replace
+#
+# The model's priors (IsotropicNormal, built once), the guides' distributions (DiagonalNormal,
+# PointMass) and the layers' shortcuts must give the loss and the gradients of the straightforward
+# program: every weight ~ Normal(0, s).expand(shape).to_event(k), q = Normal(mu, sigma).to_event(k)
+# or Delta, the network evaluated by torch.func.functional_call on the plain net. Same seed, so
+# the same weight draws; fit's minibatch share of the global sites applied as in training.
+
+
+def _reference_model(net: nn.Module, prior: str, prior_scale: float):
+    """The BNN written out with Pyro's stock distributions: the slow reference."""
+    layers = [(name, layer) for name, layer in net.named_children() if isinstance(layer, nn.Linear)]
+
+    def model(x, y=None):
+        weights = {}
+        for name, layer in layers:
+            std = prior_scale / math.sqrt(layer.in_features) if prior != "normal" else prior_scale
+            scale = (pyro.sample(f"net.{name}.prior_scale", dist.HalfNormal(torch.tensor(std)))
+                     if prior == "hierarchical" else torch.tensor(std))
+            for kind in ("weight", "bias"):
+                shape = getattr(layer, kind).shape
+                weights[f"{name}.{kind}"] = pyro.sample(
+                    f"net.{name}.{kind}", dist.Normal(0.0, scale).expand(shape).to_event(len(shape)))
+        f = torch.func.functional_call(net, weights, (x,))
+        with pyro.plate("data", x.shape[0]):
+            return pyro.sample("y", dist.Categorical(logits=f), obs=y)
+
+    return model
+
+
+def _reference_mean_field(guide: MeanFieldGuide):
+    """MeanFieldGuide.forward with stock distributions and attribute reads."""
+    def reference(*args, **kwargs):
+        for site in guide.sites:
+            q = dist.Normal(guide.loc[site.key], F.softplus(guide.rho[site.key])).to_event(site.event_dim)
+            if not site.is_real:
+                q = dist.TransformedDistribution(q, guide.transforms[site.name])
+            pyro.sample(site.name, q)
+    return reference
+
+
+def _reference_map(guide: MAPGuide):
+    def reference(*args, **kwargs):
+        for site in guide.sites:
+            point = guide.transforms[site.name](guide.loc[site.key])
+            pyro.sample(site.name, dist.Delta(point, event_dim=site.event_dim))
+    return reference
+
+
+def _seeded_loss_and_grads(elbo, model, guide, params, data, seed=3):
+    pyro.set_rng_seed(seed)
+    with scale_global_sites(0.25, plate_nesting=1):
+        loss = elbo(max_plate_nesting=1).differentiable_loss(model, guide, **data)
+    return loss, torch.autograd.grad(loss, params)
+
+
+def _classification_net(seed=0):
+    torch.manual_seed(seed)
+    return mlp([4, 6, 5, 3])
+
+
+def _classification_data(n: int) -> dict:
+    labels = torch.randint(0, 3, (n,), generator=torch.Generator().manual_seed(2))
+    return {"x": _randn(n, 4, seed=1), "y": labels}
+
+
+@pytest.mark.parametrize("prior", ["normal", "fan_in", "hierarchical"])
+@pytest.mark.parametrize("elbo", [TraceMeanField_ELBO, Trace_ELBO])
+@pytest.mark.parametrize("batch", [16, 7])  # a full and a smaller last minibatch
+def test_mean_field_step_equals_the_stock_pyro_computation(prior, elbo, batch):
+    net = _classification_net()
+    model = BayesianNeuralNetwork(net, (4,), likelihood="categorical", prior=prior, prior_scale=0.7)
+    guide = MeanFieldGuide(model)
+    _set_scales(guide, 0.2)
+    data, params = _classification_data(batch), list(guide.parameters())
+    fast = _seeded_loss_and_grads(elbo, model, guide, params, data)
+    reference = _reference_model(net, prior, 0.7), _reference_mean_field(guide)
+    slow = _seeded_loss_and_grads(elbo, *reference, params, data)
+    torch.testing.assert_close(fast[0], slow[0])
+    for fast_grad, slow_grad in zip(fast[1], slow[1], strict=True):
+        torch.testing.assert_close(fast_grad, slow_grad)
+    # the seed matters (a sampled loss), so agreeing is not agreeing on a constant
+    other = _seeded_loss_and_grads(elbo, model, guide, params, data, seed=4)
+    assert not torch.allclose(other[0], fast[0])
+
+
+@pytest.mark.parametrize("prior", ["normal", "hierarchical"])
+def test_map_step_equals_the_stock_pyro_computation(prior):
+    net = _classification_net()
+    model = BayesianNeuralNetwork(net, (4,), likelihood="categorical", prior=prior, prior_scale=0.7)
+    guide = MAPGuide(model)
+    data, params = _classification_data(9), list(guide.parameters())
+    fast = _seeded_loss_and_grads(Trace_ELBO, model, guide, params, data)
+    reference = _reference_model(net, prior, 0.7), _reference_map(guide)
+    slow = _seeded_loss_and_grads(Trace_ELBO, *reference, params, data)
+    torch.testing.assert_close(fast[0], slow[0])
+    for fast_grad, slow_grad in zip(fast[1], slow[1], strict=True):
+        torch.testing.assert_close(fast_grad, slow_grad)
+
+
+def test_fixed_scale_prior_density_and_kl_equal_the_expanded_normal():
+    """The fixed-scale path (a Python-number scale: constants in Python) against torch's own
+    expanded Normal, also after Pyro expands the prior for two vectorized particles."""
+    loc, scale = _randn(5, 3, seed=1), F.softplus(_randn(5, 3, seed=2))
+    prior = IsotropicNormal(0.7, (5, 3))
+    expanded = dist.Normal(torch.zeros(5, 3), 0.7).to_event(2)
+    w = _randn(2, 1, 5, 3, seed=3)
+    torch.testing.assert_close(prior.log_prob(w), expanded.log_prob(w))
+    torch.testing.assert_close(prior.expand((2, 1)).log_prob(w[:, :, :]), expanded.expand((2, 1)).log_prob(w))
+    q = dist.Normal(loc, scale).to_event(2)
+    torch.testing.assert_close(kl_divergence(q, prior), kl_divergence(q, expanded))
+    assert kl_divergence(q.expand((2, 1)), prior.expand((2, 1))).shape == (2, 1)
+
+
+def test_diagonal_normal_density_at_its_own_draw_and_elsewhere():
+    from bayeszoo.guides.mean_field import DiagonalNormal
+
+    loc, scale = _randn(4, 3, seed=1), F.softplus(_randn(4, 3, seed=2))
+    q, stock = DiagonalNormal(dist.Normal(loc, scale), 2), dist.Normal(loc, scale).to_event(2)
+    pyro.set_rng_seed(5)
+    draw = q.rsample()
+    pyro.set_rng_seed(5)
+    torch.testing.assert_close(draw, stock.rsample(), rtol=0, atol=0)  # the same random numbers
+    torch.testing.assert_close(q.log_prob(draw), stock.log_prob(draw))
+    other = draw + 0.5
+    torch.testing.assert_close(q.log_prob(other), stock.log_prob(other))
+    assert q.rsample((3,)).shape == (3, 4, 3)
+
+
+def test_point_mass_is_its_own_draw_with_density_one():
+    from bayeszoo.guides.weights import PointMass
+
+    v = _randn(4, 3)
+    q = PointMass(v, event_dim=2)
+    assert q.rsample() is v
+    assert q.log_prob(v) == 0
+    assert q.log_prob(v + 1) == -math.inf
+    assert q.rsample((2,)).shape == (2, 4, 3)
+
+
+def test_layers_skip_the_effect_stack_only_when_no_handler_listens():
+    from bayeszoo.models import bnn
+
+    calls = []
+
+    class Watch(pyro.poutine.messenger.Messenger):
+        def _pyro_linear(self, msg):
+            calls.append(msg["name"])
+
+    model = BayesianNeuralNetwork(mlp([2, 3, 1]), (2,), noise=0.5)
+    x = _randn(4, 2)
+    assert not bnn.handled("linear")
+    with Watch():
+        assert bnn.handled("linear")
+        model(x)
+    assert calls == ["net.0.weight", "net.2.weight"]
