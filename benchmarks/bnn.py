@@ -54,10 +54,10 @@ from tqdm.auto import tqdm
 from bayeszoo.guides.samples import WeightSamples
 from bayeszoo.guides.weight_laplace import WeightLaplaceGuide
 from bayeszoo.inference import metrics
-from bayeszoo.inference.bnn import train
 from bayeszoo.inference.metrics import memory_bytes
 from bayeszoo.inference.predictive import score
 from bayeszoo.inference.supervised import load_supervised
+from bayeszoo.inference.training import train
 from bayeszoo.models.bnn import BayesianNeuralNetwork
 from bayeszoo.models.nn import mlp
 

@@ -54,11 +54,11 @@ import torch
 pyro.settings.set(module_local_params=True)  # PyroModules keep their parameters, as torch optimizers expect
 from bayeszoo.guides.weight_laplace import WeightLaplaceGuide
 from bayeszoo.inference import diagnostics
-from bayeszoo.inference.bnn import train
 from bayeszoo.inference.metrics import predictive_moments
 from bayeszoo.inference.plots import regression_band
 from bayeszoo.inference.predictive import predictive, score
 from bayeszoo.inference.supervised import GAP_INTERVALS, gap_function, grid, load_supervised
+from bayeszoo.inference.training import train
 from bayeszoo.models.bnn import BayesianNeuralNetwork
 from bayeszoo.models.nn import mlp
 
