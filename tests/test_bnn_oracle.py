@@ -226,7 +226,8 @@ def test_tradi_guide_samples_different_weights_and_reports_its_memory():
 def test_cli_fits_every_bnn_guide(tmp_path, method):
     lr = {"sgld": "1e-4", "sghmc": "1e-5"}.get(method, "0.01")
     argv = ["fit", "bnn", "--guide", method, "--data", "gap", "--epochs", "3", "--batch-size", "80",
-            "--lr", lr, "--hidden", "8", "--out", str(tmp_path), "--no-progress", "--predictive-samples", "20"]
+            "--lr", lr, "--hidden", "8", "--out", str(tmp_path), "--no-progress",
+            "--predictive-samples", "20"]
     if method == "nuts":
         # bounded cost: 16 steps per draw; the MAP start and the compiled potential wired through
         argv += ["--noise", "0.1", "--nuts-max-tree-depth", "4", "--nuts-init", "map", "--nuts-jit",

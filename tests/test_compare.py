@@ -184,7 +184,7 @@ def test_tiny_comparison_writes_table_csv_figure_from_equal_starts(tmp_path, mon
     ("vae", ["amortized", "amortized"], "digits", {}, "named twice"),
     ("vae", [], "digits", {}, "no guides"),
     ("vae", ["amortized"], "digits", {"fit_options": {"epoch": 3}}, "unknown fit option"),
-    ("vae", ["amortized"], "digits", {"is_samples": 0}, "is_samples"),
+    ("vae", ["amortized"], "digits", {"is_samples": 0}, "is.samples"),  # is_samples or --is-samples
 ])
 def test_bad_input_fails_before_data_or_training(tmp_path, monkeypatch, model, guides, data, extra,
                                                  message):
