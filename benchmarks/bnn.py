@@ -22,8 +22,9 @@ Flipout, MC dropout, a 5-member deep ensemble, last-layer Laplace, SGLD, SGHMC, 
    and Gaussian NLL in the data's units, mean and standard error over ``--splits`` splits).
 3. **Digits** (8x8 scikit-learn digits; classes 8 and 9 held out as out-of-distribution
    inputs): accuracy, NLL, ECE (15 bins), and OOD AUROC from the predictive entropy.
-4. **Posterior memory**, bytes of the tensors that make up each posterior
-   (``inference.metrics.memory_bytes``).
+4. **Posterior memory**, bytes of the tensors that make up each posterior: the guide's
+   parameters and buffers, each tensor once (``inference.metrics.memory_bytes(guide)``, the figure
+   the CLI writes to ``metrics.json``; the plain network: its weights).
 5. **NUTS** on a small Boston net (13-10-1), split 0: one chain started at the MAP point with
    the potential compiled by TorchScript (``nuts_init="map"``, ``nuts_jit``), 100 warm-up + 100
    draws by default (``--nuts-samples 0`` skips it). Its RMSE/NLL is for split 0 only.
@@ -34,25 +35,34 @@ Writes ``results/bnn.json`` and ``results/bnn.md`` (``bnn_quick.*`` with ``--qui
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
 import os
-import platform
 import statistics
-import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyro
 import torch
+from common import (
+    RESULTS,
+    EpochClock,
+    add_threads_argument,
+    after_warmup,
+    fmt_bytes,
+    fmt_mean_se,
+    mean_se,
+    median_or_nan,
+    new_report,
+    now,
+    set_threads,
+    write,
+)
 from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from bayeszoo.guides.samples import WeightSamples
-from bayeszoo.guides.weight_laplace import WeightLaplaceGuide
 from bayeszoo.inference import metrics
 from bayeszoo.inference.metrics import memory_bytes
 from bayeszoo.inference.predictive import score
@@ -63,7 +73,6 @@ from bayeszoo.models.nn import mlp
 
 pyro.settings.set(module_local_params=True)  # PyroModules keep their parameters, as torch optimizers expect
 
-RESULTS = Path(__file__).resolve().parents[1] / "results"
 METHODS = ("map", "meanfield", "lrt", "flipout", "mcdropout", "ensemble", "laplace", "sgld", "sghmc",
            "tradi")
 WIDE_METHODS = ("map", "meanfield", "lrt", "flipout", "mcdropout", "ensemble", "sgld", "tradi")
@@ -116,36 +125,6 @@ NUTS_SKIPPED = (
 
 # ----------------------------------------------------------------------------------------------
 # Timing
-
-
-class EpochClock:
-    """A batch transform that returns the minibatch unchanged and stamps the wall and CPU clocks.
-
-    ``fit`` calls it once per training minibatch (and once while it sets up), so the CPU seconds
-    between the first minibatches of consecutive epochs are one epoch's CPU time, measured from
-    outside ``fit`` without touching it.
-    """
-
-    def __init__(self, steps_per_epoch: int):
-        self.steps_per_epoch = steps_per_epoch
-        self.stamps: list[tuple[float, float]] = []
-
-    def __call__(self, batch: dict, generator) -> dict:
-        self.stamps.append((time.perf_counter(), time.process_time()))
-        return batch
-
-    def cpu_seconds(self, epochs: int) -> list[float]:
-        """CPU seconds of epochs 1..epochs-1 (0-based; the last one has no next start stamp)."""
-        starts = self.stamps[-epochs * self.steps_per_epoch::self.steps_per_epoch]
-        return [b[1] - a[1] for a, b in zip(starts[:-1], starts[1:], strict=True)]
-
-
-def after_warmup(values: list[float]) -> list[float]:
-    return values[1:] if len(values) > 1 else values
-
-
-def median_or_nan(values: list[float]) -> float:
-    return statistics.median(values) if values else math.nan
 
 
 def timed_epochs(step, data: dict, epochs: int, batch_size: int, seed: int) -> dict:
@@ -294,15 +273,6 @@ def make_pair(dataset, hidden: tuple[int, ...], cfg: Config, seed: int, noise="l
     return model, net
 
 
-def posterior_bytes(guide) -> int:
-    """Bytes of the posterior. A last-layer Laplace guide keeps the other layers' MAP weights in a
-    plain dict that ``memory_bytes(guide)`` does not see; they are part of its posterior."""
-    total = memory_bytes(guide)
-    if isinstance(guide, WeightLaplaceGuide):
-        total += memory_bytes({k: v for k, v in guide.point.items() if k not in guide.selected})
-    return total
-
-
 def predictive_samples(method: str, guide, cfg: Config) -> int:
     if isinstance(guide, WeightSamples):
         return guide.num_members  # ensemble members, SG-MCMC and NUTS draws: each once
@@ -319,14 +289,6 @@ def plain_scores(net: nn.Module, dataset) -> dict:
         result = metrics.classification_metrics(probs, dataset.test["y"])
         result["ood"] = metrics.ood_metrics(probs, net(dataset.ood["x"]).softmax(-1)[None])
         return result
-
-
-def mean_se(values: list[float]) -> dict:
-    if any(math.isnan(v) for v in values):
-        return {"mean": math.nan, "se": math.nan, "n": len(values), "values": values}
-    mean = statistics.fmean(values)
-    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.nan
-    return {"mean": mean, "se": se, "n": len(values), "values": values}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -348,7 +310,7 @@ def boston(cfg: Config) -> dict:
                 guide, timing = run_method(model, method, data.train, cfg, cfg.boston_epochs,
                                            cfg.boston_batch_size, cfg.boston_lr, cfg.seed)
                 scores = score(model, guide, data, num_samples=predictive_samples(method, guide, cfg))
-                memory = posterior_bytes(guide)
+                memory = memory_bytes(guide)
             rows[method].append({"split": split, "rmse": scores["rmse"], "nll": scores["nll"],
                                  "memory_bytes": memory, **timing})
     summary = {}
@@ -385,7 +347,7 @@ def digits(cfg: Config) -> dict:
             guide, timing = run_method(model, method, data.train, cfg, cfg.digits_epochs,
                                        cfg.digits_batch_size, cfg.digits_lr, cfg.seed)
             samples = predictive_samples(method, guide, cfg)
-            scores, memory = score(model, guide, data, num_samples=samples), posterior_bytes(guide)
+            scores, memory = score(model, guide, data, num_samples=samples), memory_bytes(guide)
         rows[method] = {"accuracy": scores["accuracy"], "nll": scores["nll"], "brier": scores["brier"],
                         "ece": scores["ece"], "ood_auroc_entropy": scores["ood"]["entropy"]["auroc"],
                         "ood": scores["ood"], "predictive_samples": samples, "memory_bytes": memory,
@@ -436,48 +398,11 @@ def nuts(cfg: Config) -> dict:
     iterations = cfg.nuts_chains * (cfg.nuts_warmup + cfg.nuts_samples)
     return {"net": f"13-{cfg.nuts_hidden}-1", "split": 0, "rmse": scores["rmse"], "nll": scores["nll"],
             "seconds": seconds, "seconds_per_iteration": seconds / iterations, "draws": guide.num_members,
-            "memory_bytes": posterior_bytes(guide), "load_average": os.getloadavg()}
+            "memory_bytes": memory_bytes(guide), "load_average": os.getloadavg()}
 
 
 # ----------------------------------------------------------------------------------------------
-# Environment and report
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def environment() -> dict:
-    return {"torch": torch.__version__, "pyro": pyro.__version__, "python": platform.python_version(),
-            "device": "cpu", "cpu": cpu_model(), "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "load_average_at_start": os.getloadavg()}
-
-
-def now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-def new_report(name: str, cfg) -> dict:
-    """The head every benchmark report starts with: the command, date, config and machine."""
-    return {"benchmark": name, "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-            "date": now(), "config": asdict(cfg), "environment": environment()}
-
-
-def fmt_bytes(n: int) -> str:
-    return f"{n:,}"
-
-
-def fmt_se(stat: dict, digits: int = 2) -> str:
-    if math.isnan(stat["mean"]):
-        return "n/a"
-    se = "" if math.isnan(stat["se"]) else f" ± {stat['se']:.{digits}f}"
-    return f"{stat['mean']:.{digits}f}{se}"
+# Report
 
 
 def speed_table(report: dict) -> list[str]:
@@ -583,7 +508,7 @@ def markdown(report: dict) -> str:
     ]
     for method in ("plain", *METHODS):
         s = bos["summary"][method]
-        lines.append(f"| {LABELS[method]} | {fmt_se(s['rmse'])} | {fmt_se(s['nll'])} | "
+        lines.append(f"| {LABELS[method]} | {fmt_mean_se(s['rmse'])} | {fmt_mean_se(s['nll'])} | "
                      f"{fmt_bytes(s['memory_bytes'])} | {s['train_seconds']:.1f} |")
     lines += [
         "",
@@ -639,7 +564,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--nuts-warmup", type=int, help="NUTS warm-up iterations per chain (default 100)")
     parser.add_argument("--nuts-samples", type=int, help="NUTS draws per chain (default 100; 0 skips NUTS)")
     parser.add_argument("--nuts-chains", type=int, help="default 1")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    add_threads_argument(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="a small configuration to check the script")
     parser.add_argument("--out", type=Path, help="output stem (default results/bnn or results/bnn_quick)")
@@ -662,8 +587,7 @@ def config_from(args: argparse.Namespace) -> Config:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     cfg = config_from(args)
     started = time.perf_counter()
     report = new_report("bnn", cfg)
@@ -678,29 +602,8 @@ def main(argv=None) -> dict:
     report["finished"] = now()
     report["seconds"] = time.perf_counter() - started
     report["load_average_at_end"] = os.getloadavg()
-    write(report, args.out or RESULTS / ("bnn_quick" if args.quick else "bnn"))
+    write(report, args.out or RESULTS / ("bnn_quick" if args.quick else "bnn"), markdown)
     return report
-
-
-def finite(obj):
-    """NaN (e.g. the plain network's missing NLL) as JSON null."""
-    if isinstance(obj, float) and math.isnan(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [finite(v) for v in obj]
-    return obj
-
-
-def write(report: dict, stem: Path, render=None) -> None:
-    """``stem``.json (the report) and ``stem``.md (``render(report)``, this file's table by default)."""
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    text = (render or markdown)(report)
-    stem.with_suffix(".json").write_text(json.dumps(finite(report), indent=2) + "\n")
-    stem.with_suffix(".md").write_text(text)
-    print(text)
-    print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.md')}")
 
 
 if __name__ == "__main__":

@@ -45,17 +45,25 @@ import argparse
 import copy
 import math
 import os
-import platform
 import statistics
-import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyro
 import pyro.distributions as dist
 import torch
-from bnn import now, write
+from common import (
+    RESULTS,
+    EpochClock,
+    add_threads_argument,
+    after_warmup,
+    environment,
+    median_or_nan,
+    new_report,
+    set_threads,
+    write,
+)
 from pyro import poutine
 from pyro.infer import Trace_ELBO
 from pyro.nn import PyroModule
@@ -75,7 +83,6 @@ from bayeszoo.models.dkf import DeepMarkovModel
 
 pyro.settings.set(module_local_params=True)  # PyroModules keep their parameters, as torch optimizers expect
 
-RESULTS = Path(__file__).resolve().parents[1] / "results"
 TARGET_RATIO = 1.0  # the issue: an epoch no slower than the per-step loop
 NAMES = list(STRUCTURES)  # mf-l, mf-lr, st-l, st-r, st-lr
 
@@ -242,28 +249,6 @@ def loop_pair(model: DeepMarkovModel, guide: StructuredInferenceNetwork):
 # Timing
 
 
-class EpochClock:
-    """A batch transform that reads the wall and CPU clocks at every training minibatch: ``fit``
-    calls it once per minibatch (and once while it sets up), so it times ``fit`` from outside."""
-
-    def __init__(self, steps_per_epoch: int):
-        self.steps_per_epoch = steps_per_epoch
-        self.stamps: list[tuple[float, float]] = []
-
-    def __call__(self, batch: dict, generator=None) -> dict:
-        self.stamp()
-        return batch
-
-    def stamp(self) -> None:
-        self.stamps.append((time.perf_counter(), time.process_time()))
-
-    def epoch_seconds(self, epochs: int) -> tuple[list[float], list[float]]:
-        """(wall, cpu) seconds of each of the last ``epochs`` epochs; call ``stamp()`` after the run."""
-        starts = self.stamps[-(epochs * self.steps_per_epoch + 1)::self.steps_per_epoch]
-        spans = list(zip(starts[:-1], starts[1:], strict=True))
-        return [b[0] - a[0] for a, b in spans], [b[1] - a[1] for a, b in spans]
-
-
 def timed_fit(model, guide, train: dict, epochs: int, batch_size: int, **options):
     """``fit`` with per-epoch wall and CPU seconds: (history, wall, cpu)."""
     clock = EpochClock(math.ceil(len(train["x"]) / batch_size))
@@ -272,10 +257,6 @@ def timed_fit(model, guide, train: dict, epochs: int, batch_size: int, **options
     clock.stamp()
     wall, cpu = clock.epoch_seconds(epochs)
     return result.history, wall, cpu
-
-
-def median_after_warmup(values: list[float]) -> float:
-    return statistics.median(values[1:] if len(values) > 1 else values)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -330,8 +311,8 @@ def linear_gaussian(cfg: Config) -> dict:
             "rmse_to_smoother_means": rmse(means, smoothed),
             "rmse_to_true_states": rmse(means, data.states["test"]),
             "final_train_elbo_per_step": history[-1]["train_elbo"] / cfg.lg_steps,
-            "seconds_per_epoch": median_after_warmup(wall),
-            "cpu_seconds_per_epoch": median_after_warmup(cpu),
+            "seconds_per_epoch": median_or_nan(after_warmup(wall)),
+            "cpu_seconds_per_epoch": median_or_nan(after_warmup(cpu)),
             "train_seconds": sum(wall),
         })
         print(f"linear-Gaussian {structure}: ELBO {rows[-1]['elbo_per_step']:.4f}, gap "
@@ -366,8 +347,8 @@ def pendulum(cfg: Config) -> dict:
             "elbo_per_step": per_step(scores["elbo"], data.test["mask"]),
             "kl_per_step": per_step(scores["kl"], data.test["mask"]),
             "final_train_elbo_per_step": history[-1]["train_elbo"] / cfg.pendulum_steps,
-            "seconds_per_epoch": median_after_warmup(wall),
-            "cpu_seconds_per_epoch": median_after_warmup(cpu),
+            "seconds_per_epoch": median_or_nan(after_warmup(wall)),
+            "cpu_seconds_per_epoch": median_or_nan(after_warmup(cpu)),
             "train_seconds": sum(wall),
         })
         print(f"pendulum {structure}: IS log-lik {rows[-1]['is_log_likelihood_per_step']:.4f}, ELBO "
@@ -456,31 +437,7 @@ def speed(cfg: Config) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# Environment, report
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def environment() -> dict:
-    return {
-        "torch": torch.__version__,
-        "pyro": pyro.__version__,
-        "python": platform.python_version(),
-        "device": "cpu",
-        "hardware": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-        "load_average_at_start": os.getloadavg(),
-    }
+# Report
 
 
 def markdown(report: dict) -> str:
@@ -577,7 +534,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--timing-train", type=int, help="timing-run training sequences (default 400)")
     parser.add_argument("--timing-structures", nargs="+", choices=NAMES, help="guides to time (default all)")
     parser.add_argument("--rnn", choices=("gru", "lstm", "rnn", "linear"), help="guide RNNs (default gru)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    add_threads_argument(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="a small configuration to check the script")
     parser.add_argument("--out", type=Path, help="output stem (default results/dkf or results/dkf_quick)")
@@ -602,13 +559,10 @@ def config_from(args: argparse.Namespace) -> Config:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     cfg = config_from(args)
     started = time.perf_counter()
-    report = {"benchmark": "dkf", "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-              "date": now(),
-              "config": asdict(cfg), "environment": environment()}
+    report = new_report("dkf", cfg, environment(names=("hardware",), omp_threads=True))
     report["speed"] = speed(cfg)
     report["linear_gaussian"] = linear_gaussian(cfg)
     report["pendulum"] = pendulum(cfg)

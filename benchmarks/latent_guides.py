@@ -10,13 +10,12 @@ equal T; this script reports whatever order comes out, with the seconds per epoc
 """
 
 import argparse
-import json
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
 import pyro
 import torch
+from common import now, write_json
 
 from bayeszoo.inference.compare import compare
 
@@ -49,9 +48,9 @@ def main(argv=None) -> int:
         tables.append(f"### VAE, {likelihood} likelihood\n\n" + (folder / "compare.md").read_text())
     args.out.mkdir(exist_ok=True)
     record = {"benchmark": name, "data": data, "epochs": epochs, "is_samples": samples,
-              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "date": now(),
               "torch": torch.__version__, "results": results}
-    (args.out / f"{name}.json").write_text(json.dumps(record, indent=2, default=str))
+    write_json(record, args.out / f"{name}.json", default=str)
     (args.out / f"{name}.md").write_text("\n\n".join(tables))
     print("\n\n".join(tables))
     return 0

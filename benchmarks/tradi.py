@@ -40,7 +40,20 @@ from pathlib import Path
 
 import pyro
 import torch
-from bnn import EpochClock, after_warmup, mean_se, median_or_nan, new_report, now, write
+from common import (
+    RESULTS,
+    EpochClock,
+    add_threads_argument,
+    after_warmup,
+    fmt_mean_se,
+    mean_se,
+    median_or_nan,
+    new_report,
+    now,
+    set_threads,
+    verdict,
+    write,
+)
 from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
@@ -58,7 +71,6 @@ from bayeszoo.models.nn import mlp
 
 pyro.settings.set(module_local_params=True)  # PyroModules keep their parameters, as torch optimizers expect
 
-RESULTS = Path(__file__).resolve().parents[1] / "results"
 METHODS = ("tradi", "map", "mcdropout", "meanfield", "ensemble")
 LABELS = {"tradi": "TRADI", "map": "MAP", "mcdropout": "MC dropout", "meanfield": "mean-field (BBB)",
           "ensemble": "deep ensemble"}
@@ -304,15 +316,6 @@ def summarize(rows: dict[str, list[dict]]) -> dict:
 # Report
 
 
-def fmt(stat: dict, digits: int) -> str:
-    se = "" if math.isnan(stat["se"]) else f" ± {stat['se']:.{digits}f}"
-    return f"{stat['mean']:.{digits}f}{se}"
-
-
-def verdict(ok: bool) -> str:
-    return "met" if ok else "NOT met"
-
-
 def markdown(report: dict) -> str:
     cfg, env = report["config"], report["environment"]
     ov, po = report["plain_overhead"], report["pyro_overhead"]
@@ -392,9 +395,9 @@ def markdown(report: dict) -> str:
     ]
     for method in METHODS:
         s = summary[method]
-        lines.append(f"| {LABELS[method]} | {fmt(s['accuracy'], 4)} | {fmt(s['nll'], 3)} | "
-                     f"{fmt(s['ece'], 4)} | {fmt(s['ood_auroc_entropy'], 3)} | {s['memory_bytes']:,} | "
-                     f"{fmt(s['train_seconds'], 1)} |")
+        lines.append(f"| {LABELS[method]} | {fmt_mean_se(s['accuracy'], 4)} | {fmt_mean_se(s['nll'], 3)} | "
+                     f"{fmt_mean_se(s['ece'], 4)} | {fmt_mean_se(s['ood_auroc_entropy'], 3)} | "
+                     f"{s['memory_bytes']:,} | {fmt_mean_se(s['train_seconds'], 1)} |")
     tradi = report["runs"]["tradi"][0]
     q = tradi["sigma_quantiles"]
     lines += [
@@ -444,7 +447,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, help="default 3")
     parser.add_argument("--rounds", type=int, help="alternating plain/tracked rounds (default 3)")
     parser.add_argument("--num-samples", type=int, help="predictive weight samples (default 50)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    add_threads_argument(parser)
     parser.add_argument("--quick", action="store_true", help="a small configuration to check the script")
     parser.add_argument("--out", type=Path, help="output stem (default results/tradi or results/tradi_quick)")
     return parser.parse_args(argv)
@@ -462,8 +465,7 @@ def config_from(args: argparse.Namespace) -> Config:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     cfg = config_from(args)
     started = time.perf_counter()
     report = new_report("tradi", cfg)

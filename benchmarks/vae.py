@@ -24,17 +24,14 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import platform
 import statistics
-import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyro
 import torch
-from bnn import now, write
+from common import RESULTS, EpochClock, add_threads_argument, environment, new_report, set_threads, write
 from torch import nn
 from torch.nn.functional import binary_cross_entropy_with_logits, softplus
 from tqdm.auto import tqdm
@@ -47,7 +44,6 @@ from bayeszoo.models.vae import VAE
 
 pyro.settings.set(module_local_params=True)  # PyroModules keep their parameters, as torch optimizers expect
 
-RESULTS = Path(__file__).resolve().parents[1] / "results"
 TARGET_RATIO = 1.3
 TEST_BINARIZATION_SEED = 1234
 GUIDES = {"amortized diagonal": AmortizedNormal, "amortized rank-1": AmortizedRank1Normal}
@@ -160,39 +156,12 @@ def count_parameters(*modules) -> int:
 # The two measurements
 
 
-class EpochClock:
-    """A batch transform that reads the wall and CPU clocks at every minibatch it transforms.
-
-    Both training loops call it once per training minibatch, so it times ``fit`` from outside,
-    without touching it, and the hand-written loop in exactly the same way. Only the last
-    ``epochs * steps_per_epoch`` calls are the training epochs (``fit`` may transform a batch
-    while it sets up). CPU time (this process) is less sensitive than wall time to other jobs.
-    """
-
-    def __init__(self, transform, steps_per_epoch: int):
-        self.transform, self.steps_per_epoch = transform, steps_per_epoch
-        self.stamps: list[tuple[float, float]] = []
-
-    def __call__(self, batch: dict, generator) -> dict:
-        self.stamp()
-        return self.transform(batch, generator)
-
-    def stamp(self) -> None:
-        self.stamps.append((time.perf_counter(), time.process_time()))
-
-    def epoch_seconds(self, epochs: int, warmup: int = 1) -> tuple[list[float], list[float]]:
-        """(wall, cpu) seconds of every epoch after the warm-up; call ``stamp()`` after the run."""
-        starts = self.stamps[-(epochs * self.steps_per_epoch + 1)::self.steps_per_epoch]
-        spans = list(zip(starts[warmup:-1], starts[warmup + 1:], strict=True))
-        return [b[0] - a[0] for a, b in spans], [b[1] - a[1] for a, b in spans]
-
-
 def timed_run(train_fn, dataset, train: dict, cfg: Config, epochs: int):
     """Train with ``train_fn(transform)``; return its history and the timed epochs (wall, cpu)."""
-    clock = EpochClock(dataset.batch_transform, math.ceil(len(train["x"]) / cfg.batch_size))
+    clock = EpochClock(math.ceil(len(train["x"]) / cfg.batch_size), dataset.batch_transform)
     history = train_fn(clock)
     clock.stamp()
-    return history, *clock.epoch_seconds(epochs)
+    return history, *clock.epoch_seconds(epochs, warmup=1)
 
 
 def one_round(train: dict, dataset, cfg: Config, epochs: int, device: str) -> dict:
@@ -256,7 +225,7 @@ def score_guide(guide_class, train: dict, test: dict, dataset, cfg: Config, devi
 
 
 # ----------------------------------------------------------------------------------------------
-# Data, environment, report
+# Data, report
 
 
 def load_data(cfg: Config):
@@ -268,30 +237,6 @@ def load_data(cfg: Config):
                    f"binarized afresh every minibatch, {len(test['x'])} test images binarized once "
                    f"(seed {TEST_BINARIZATION_SEED})")
     return dataset, train, test, description
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def environment(device: str) -> dict:
-    return {
-        "torch": torch.__version__,
-        "pyro": pyro.__version__,
-        "python": platform.python_version(),
-        "device": device,
-        "hardware": torch.cuda.get_device_name(device) if device.startswith("cuda") else cpu_model(),
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "load_average_at_start": os.getloadavg(),
-    }
 
 
 def markdown(report: dict) -> str:
@@ -341,7 +286,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--timing-epochs", type=int, help="timed epochs per run (default 5)")
     parser.add_argument("--rounds", type=int, help="alternating pyro/torch timing rounds (default 3)")
     parser.add_argument("--num-samples", type=int, help="K for the IS log-likelihood (default 1000)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    add_threads_argument(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="a tiny configuration to check the script")
     parser.add_argument("--out", type=Path, help="output stem (default results/vae or results/vae_quick)")
@@ -365,12 +310,9 @@ def check_device(device: str) -> None:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     check_device(args.device)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     cfg = config_from(args)
-    report = {"benchmark": "vae", "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-              "date": now(),
-              "config": asdict(cfg), "environment": environment(args.device)}
+    report = new_report("vae", cfg, environment(args.device, names=("hardware", "cpu")))
     dataset, train, test, report["data"] = load_data(cfg)
     report["speed"] = time_epochs(train, dataset, cfg, args.device)
     report["quality"] = [{"name": name, **score_guide(cls, train, test, dataset, cfg, args.device)}

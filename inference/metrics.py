@@ -435,25 +435,27 @@ def _tensors(obj, path: str = "obj"):
 
 
 def memory_bytes(obj) -> int:
-    """Bytes of the tensors that make up a posterior (its storage cost, not Python overhead).
+    """Bytes of memory that the tensors of a posterior hold (its storage cost, not Python overhead).
 
-        bytes = sum over distinct tensors t of numel(t) * element_size(t)
+        bytes = sum over the distinct storages s behind the tensors of nbytes(s)
 
     ``obj`` is a tensor, an ``nn.Module`` (its parameters and buffers: a PyroModule guide,
     a network), or a dict / list / tuple nesting any of these (an ensemble's state dicts, a
-    Laplace mean and precision). A tensor met more than once, such as a parameter and the same
-    parameter read from a ``state_dict`` or a weight tied between two modules, is counted once:
-    tensors are the same when they view the same memory (address, dtype, shape and strides).
-    Distinct views of one storage (slices) are counted by their own numel.
+    Laplace mean and precision). Tensors are judged by the memory they keep alive, so what shares
+    memory is counted once: a parameter and the same parameter read from a ``state_dict``, a weight
+    tied between two modules, a buffer and a view of it, the slices of one flat vector. A view
+    counts the whole storage it keeps (a row of a matrix keeps the matrix; an expanded tensor keeps
+    only the values it repeats).
     """
     seen = set()
     total = 0
     for tensor in _tensors(obj):
-        # A state_dict entry is a new tensor object over the parameter's memory, so identity is
-        # judged by the memory viewed, not by id().
-        key = (tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
+        # A state_dict entry or a slice is a new tensor object over the same memory, so identity is
+        # judged by the storage, not by id() or by the view's own shape.
+        storage = tensor.untyped_storage()
+        key = (tensor.device, storage.data_ptr())
         if key in seen:
             continue
         seen.add(key)
-        total += tensor.numel() * tensor.element_size()
+        total += storage.nbytes()
     return total

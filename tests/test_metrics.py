@@ -10,6 +10,8 @@ import sklearn.metrics
 import torch
 from torch import nn
 
+from bayeszoo.guides.map import MAPGuide
+from bayeszoo.guides.weight_laplace import WeightLaplaceGuide
 from bayeszoo.inference.metrics import (
     aupr,
     auroc,
@@ -26,6 +28,7 @@ from bayeszoo.inference.metrics import (
     reliability,
 )
 from bayeszoo.inference.plots import regression_band, reliability_diagram
+from bayeszoo.models.bnn import BayesianNeuralNetwork
 
 # ----------------------------------------------------------------------------- regression
 
@@ -252,9 +255,34 @@ def test_memory_bytes_counts_a_shared_tensor_once():
     assert memory_bytes({"net": net, "state": net.state_dict()}) == 32
     weight = torch.zeros(5)
     assert memory_bytes([weight, weight]) == 20
-    # Two different halves of one storage are two tensors' worth.
+    # The halves of one flat vector, or the vector and a view into it, are that vector's memory.
     flat = torch.zeros(10)
     assert memory_bytes([flat[:5], flat[5:]]) == 40
+    assert memory_bytes({"flat": flat, "piece": flat[2:7].view(5, 1)}) == 40
+
+
+def test_memory_bytes_counts_the_storage_a_view_keeps():
+    assert memory_bytes(torch.zeros(4, 3)[0]) == 4 * 3 * 4  # a row keeps its matrix alive
+    assert memory_bytes(torch.zeros(3).expand(1000, 3)) == 3 * 4  # expanding copies nothing
+
+
+def test_last_layer_laplace_memory_is_exactly_the_tensors_the_guide_holds():
+    torch.manual_seed(0)
+    model = BayesianNeuralNetwork(nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4)), (3,),
+                                  "categorical", prior="normal")
+    data = {"x": torch.randn(7, 3), "y": torch.randint(0, 4, (7,))}
+    guide = WeightLaplaceGuide(model, MAPGuide(model), data, structure="last-layer")
+    # Every MAP weight once (3*5 + 5 = 20 in the first layer, 5*4 + 4 = 24 in the last), then the
+    # posterior over the last layer: its mean (a flat copy of those 24) and the 24 x 24 Cholesky
+    # factor of its covariance. No parameters: nothing is trained after the MAP fit.
+    assert list(guide.parameters()) == []
+    assert {name: tuple(b.shape) for name, b in guide.named_buffers()} == {
+        "net__0__weight_point": (5, 3), "net__0__bias_point": (5,), "net__2__weight_point": (4, 5),
+        "net__2__bias_point": (4,), "loc": (24,), "scale_tril": (24, 24)}
+    assert memory_bytes(guide) == (20 + 24 + 24 + 24 * 24) * 4
+    # The point dict is those buffers: adding it to the guide (as the BNN benchmark once did for
+    # the first layer) adds nothing.
+    assert memory_bytes({"guide": guide, "point": guide.point}) == memory_bytes(guide)
 
 
 def test_memory_bytes_refuses_what_is_not_a_tensor():

@@ -21,12 +21,3 @@ def test_tutorial_runs_in_smoke_mode(tutorial, tmp_path):
 
 def test_there_are_tutorials():
     assert len(TUTORIALS) >= 3
-
-
-def test_course_index_links_every_page(tmp_path):
-    from bayeszoo.inference.course import write_index
-
-    index = write_index(tmp_path, [("01_a", "PCA & autoencoders", 3.0), ("02_b", "VAE", 5.0)])
-    text = index.read_text()
-    assert '<a href="01_a.html">PCA &amp; autoencoders</a>' in text
-    assert text.index("01_a.html") < text.index("02_b.html")

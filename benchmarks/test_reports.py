@@ -1,0 +1,83 @@
+"""The benchmark reports' shared machinery (``common.py``) and the BNN report read back from JSON.
+
+Run ``.venv/bin/python -m pytest -q benchmarks/test_reports.py`` (``tests/`` is pytest's default
+path; this file lives beside the scripts it imports). Nothing here trains: the BNN report is a
+small fake with the shape ``bnn.main`` writes, NaN where the real one has NaN.
+"""
+
+import json
+import math
+
+import bnn
+import pytest
+from common import EpochClock, fmt_mean_se, mean_se, new_report, read_json, write, write_json
+
+
+def test_nan_is_written_as_null_and_the_file_is_strict_json(tmp_path):
+    path = tmp_path / "r.json"
+    write_json({"a": math.nan, "b": [1.0, math.nan], "c": (math.nan, 2)}, path)
+
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    assert json.loads(path.read_text(), parse_constant=refuse) == {"a": None, "b": [1.0, None],
+                                                                  "c": [None, 2]}
+    assert path.read_text().endswith("}\n")
+
+
+def test_mean_and_standard_error_render_the_same_from_memory_and_from_json():
+    stat = mean_se([1.0, 2.0, 4.0])  # mean 7/3, sample sd sqrt(7/3), se sqrt(7/3)/sqrt(3) = 0.882
+    assert fmt_mean_se(stat) == "2.33 ± 0.88"
+    assert fmt_mean_se(mean_se([1.5])) == "1.50"  # one value: no standard error
+    assert fmt_mean_se(mean_se([1.0, math.nan])) == "n/a"
+    assert fmt_mean_se({"mean": None, "se": None}) == "n/a"
+    assert fmt_mean_se({"mean": 1.5, "se": None}) == "1.50"
+
+
+def test_epoch_clock_spans():
+    clock = EpochClock(steps_per_epoch=2)
+    # fit's set-up call, then 3 epochs of 2 minibatches; epoch e starts at wall 10 e, CPU e^2.
+    clock.stamps = [(-5.0, -1.0)] + [(10.0 * e + s, e**2 + s / 10) for e in range(3) for s in (0, 1)]
+    assert clock.cpu_seconds(3) == [1.0, 3.0]  # epochs 0 and 1; epoch 2 has no end stamp
+    clock.stamps.append((30.0, 9.0))  # the stamp after the run closes epoch 2
+    assert clock.epoch_seconds(3) == ([10.0, 10.0, 10.0], [1.0, 3.0, 5.0])
+    assert clock.epoch_seconds(3, warmup=1) == ([10.0, 10.0], [3.0, 5.0])
+
+
+def _timing(seconds: float) -> dict:
+    return {"seconds_per_epoch": seconds, "cpu_seconds_per_epoch": 2 * seconds, "train_seconds": 10 * seconds,
+            "load_average": (1.0, 1.0, 1.0)}
+
+
+def _fake_bnn_report(splits: int) -> dict:
+    """The keys ``bnn.markdown`` reads; the plain network has no NLL (NaN), as in ``bnn.boston``."""
+    cfg = bnn.Config(splits=splits, wide_hidden=0, nuts_samples=0)
+    report = new_report("bnn", cfg)
+    report.update(finished=report["date"], seconds=12.0, load_average_at_end=(0.5, 0.5, 0.5),
+                  nuts_skipped=bnn.NUTS_SKIPPED)
+    methods = ("plain", *bnn.METHODS)
+    speed = bnn.with_ratios({m: _timing(0.1 + i / 100) for i, m in enumerate((*methods, bnn.BY_HAND))})
+    block = {"speed": speed, "targets": bnn.targets(speed), "by_hand": bnn.by_hand_ratios(speed)}
+    summary = {m: {"rmse": mean_se([3.0 + i + s for s in range(splits)]),
+                   "nll": mean_se([math.nan if m == "plain" else 2.5 + s / 10 for s in range(splits)]),
+                   "memory_bytes": 1000 * (i + 1), "train_seconds": 1.0}
+               for i, m in enumerate(methods)}
+    report["boston"] = {**block, "summary": summary, "net": "13-50-1", "splits": splits}
+    rows = {m: {"accuracy": 0.9, "nll": 0.3, "ece": 0.02, "ood_auroc_entropy": 0.8,
+                "memory_bytes": 2000 * (i + 1), "timing": _timing(0.2)} for i, m in enumerate(methods)}
+    report["digits"] = {**block, "rows": rows, "net": "64-100-100-8",
+                        "sizes": {"train": 1000, "valid": 100, "test": 300}, "ood_size": 350}
+    return report
+
+
+# The plain network's Boston RMSE over splits 3.0, (4.0, 5.0): one split has no standard error
+# (NaN too); three have sd 1, se 1/sqrt(3) = 0.577.
+@pytest.mark.parametrize(("splits", "rmse"), [(1, "3.00"), (3, "4.00 ± 0.58")])
+def test_bnn_markdown_renders_the_report_read_back_from_its_json(tmp_path, splits, rmse):
+    report = _fake_bnn_report(splits)
+    write(report, tmp_path / "bnn", bnn.markdown)
+    back = read_json(tmp_path / "bnn.json")
+    assert back["boston"]["summary"]["plain"]["nll"]["mean"] is None
+    written = (tmp_path / "bnn.md").read_text()
+    assert bnn.markdown(back) == written
+    assert f"| plain PyTorch MLP | {rmse} | n/a | 1,000 | 1.0 |" in written
