@@ -21,8 +21,8 @@ linearized model; for a Bernoulli likelihood it is a Newton step. A step must ra
 log p(x, z) (with the decoder itself, not its linearization): where the full step does not, it
 is halved up to three times, and if none of those raises it either mu stays. The paper's steps
 are undamped; unguarded, a step that leaves the region where the linearization holds can throw
-mu far off and, in training, the ELBO with it. When every full step is accepted the check costs
-nothing extra: log p(x, mu') comes with the terms the next step needs. Finally Lambda =
+mu far off and, in training, the ELBO with it. The check costs one decoder pass per tried
+point, and the pass at the accepted mu' is the one the next step linearizes. Finally Lambda =
 Lambda(mu_T), the negative Hessian of log p(x, z) at mu_T for a piecewise-linear decoder
 (its Gauss-Newton approximation for a smooth one). Gradients flow through every step, so
 encoder and decoder learn through the refinement.
@@ -32,6 +32,15 @@ is far smaller than the data dimension) for any differentiable decoder, or, for 
 ``nn.Sequential`` of ``nn.Linear`` and ``nn.ReLU`` layers, from the closed form
 J = W_L D_{L-1} W_{L-1} ... D_1 W_1 (D_l: the 0/1 mask of the active units); for pPCA
 J = W.
+
+**Cost.** For a ReLU decoder, J = W_L A with A = D_{L-1} ... W_1 is formed from the masks of
+the decoder pass as one (N k, h) x (h, D) matrix product per Newton step and once more for
+the final Lambda: these products are the guide's floor. The steps' backward pass does not go
+through J: the gradient of s = Lambda^-1 g with respect to J is of rank 2 per point
+(``FactoredNewtonStep``), so it costs a few decoder-sized products instead of two J-sized
+ones per step; only the final Lambda, whose gradient has full rank, is differentiated
+through J (``FactoredPrecision``). The values and gradients are those of autograd through
+the equations above, to rounding.
 
 The guide reads what it needs off the model, never its class: one latent site, and
 either a ``decoder`` network with a ``likelihood`` (``kind``, and ``log_sigma`` when
@@ -51,6 +60,7 @@ import pyro.distributions as dist
 import torch
 from pyro.distributions import constraints
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
 from bayeszoo.guides.amortized import AmortizedGuide
@@ -236,24 +246,73 @@ def _is_relu_mlp(network) -> bool:
         isinstance(layer, nn.Linear) for layer in network)
 
 
-def relu_mlp_jacobian(network: nn.Sequential, inputs: torch.Tensor, z_dim: int):
-    """(g(inputs), dg/dz) for an MLP of Linear and ReLU layers whose input starts with z:
-    J = W_L D_{L-1} W_{L-1} ... D_1 W_1[:, :z_dim], D_l the 0/1 masks of the active units."""
-    a, jac = inputs, None
+def _relu_forward(network: nn.Sequential, inputs: torch.Tensor):
+    """g(inputs) and the 0/1 masks of the active units of every ReLU layer, in order."""
+    a, masks = inputs, []
     for layer in network:
         if isinstance(layer, nn.Linear):
-            if jac is None:
-                jac = layer.weight[:, :z_dim].expand(*inputs.shape[:-1], -1, -1)
-            else:  # W @ J for every row as one matrix product: (out, in) @ (in, rows * k)
-                rows = jac.shape[:-2]
-                product = layer.weight @ jac.movedim(-2, 0).reshape(jac.shape[-2], -1)
-                jac = product.reshape(-1, *rows, jac.shape[-1]).movedim(0, -2)
             a = layer(a)
         elif isinstance(layer, nn.ReLU):
-            active = (a > 0).to(a.dtype)
-            jac = jac * active.unsqueeze(-1)
+            masks.append((a > 0).to(a.dtype))
             a = torch.relu(a)
-    return a, jac
+    return a, tuple(masks)
+
+
+def _last_linear(network: nn.Sequential) -> int:
+    return max(i for i, layer in enumerate(network) if isinstance(layer, nn.Linear))
+
+
+def relu_factor(network: nn.Sequential, masks, z_dim: int):
+    """J = W_L A for a ReLU MLP at M points with the given ReLU masks: the last layer's weight
+    W_L (D, h) and A = D_{L-1} W_{L-1} ... D_1 W_1[:, :z_dim], stored transposed as F = A^T,
+    (M, k, h), so that J^T = F W_L^T is one matrix product (M k, h) @ (h, D). ReLUs after the
+    last Linear are not part of A (their masks zero rows of J; ``linearize`` folds them into
+    the pixel terms)."""
+    last = _last_linear(network)
+    rows = masks[0].shape[0] if masks else None
+    factor, mask_index, weight = None, 0, None
+    for i, layer in enumerate(network):
+        if i == last:
+            weight = layer.weight if factor is not None else layer.weight[:, :z_dim]
+            break
+        if isinstance(layer, nn.Linear):
+            if factor is None:
+                factor = layer.weight[:, :z_dim].T.expand(rows, -1, -1)
+            else:
+                factor = (factor.reshape(-1, factor.shape[-1]) @ layer.weight.T).view(rows, z_dim, -1)
+        elif isinstance(layer, nn.ReLU):
+            mask = masks[mask_index]
+            mask_index += 1
+            if factor is None:  # a ReLU on the inputs themselves: start from the selector of z
+                eye = torch.eye(z_dim, mask.shape[-1], dtype=mask.dtype, device=mask.device)
+                factor = eye.expand(rows, -1, -1)
+            factor = factor * mask.unsqueeze(-2)
+    if factor is None:  # one Linear layer: J = W[:, :k] for every point
+        factor = torch.eye(z_dim, dtype=weight.dtype, device=weight.device).expand(rows or 1, -1, -1)
+    return weight, factor
+
+
+def _factored_jacobian_t(weight: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """J^T = F W^T, (M, k, D), one matrix product."""
+    return (factor.reshape(-1, factor.shape[-1]) @ weight.T).view(*factor.shape[:-1], weight.shape[0])
+
+
+def relu_mlp_jacobian(network: nn.Sequential, inputs: torch.Tensor, z_dim: int):
+    """(g(inputs), dg/dz) for an MLP of Linear and ReLU layers whose input starts with z:
+    J = W_L D_{L-1} W_{L-1} ... D_1 W_1[:, :z_dim], D_l the 0/1 masks of the active units;
+    J has shape (*rows, D, k)."""
+    rows = inputs.shape[:-1]
+    decoded, masks = _relu_forward(network, inputs.reshape(-1, inputs.shape[-1]))
+    weight, factor = relu_factor(network, masks, z_dim)
+    jac = _factored_jacobian_t(weight, factor.expand(decoded.shape[0], -1, -1)).transpose(-1, -2)
+    for mask in masks[_inner_relus(network):]:
+        jac = jac * mask.unsqueeze(-1)  # ReLUs after the last Linear zero rows of J
+    return decoded.reshape(*rows, -1), jac.reshape(*rows, *jac.shape[-2:])
+
+
+def _inner_relus(network: nn.Sequential) -> int:
+    """How many ReLU layers come before the last Linear."""
+    return sum(isinstance(layer, nn.ReLU) for layer in network[:_last_linear(network)])
 
 
 def autograd_jacobian(decode: Callable, z: torch.Tensor, c: torch.Tensor | None):
@@ -265,6 +324,124 @@ def autograd_jacobian(decode: Callable, z: torch.Tensor, c: torch.Tensor | None)
     else:
         jac = vmap(jacfwd(lambda zi, ci: decode(zi[None], ci[None])[0]))(z, c)
     return decode(z, c), jac
+
+
+def precision_and_gradient(jac, curvature, residual, prior_precision, prior_gradient):
+    """Lambda = J^T diag(h) J + diag(S_0^-1) and g = J^T r + g_0 for J (M, D, k)."""
+    precision = jac.transpose(-1, -2) @ (jac * curvature.unsqueeze(-1))
+    precision = precision + torch.diag_embed(prior_precision)
+    gradient = (jac.transpose(-1, -2) @ residual.unsqueeze(-1)).squeeze(-1) + prior_gradient
+    return precision, gradient
+
+
+def _factored_precision_and_gradient(jac_t, curvature, residual, prior_precision, prior_gradient):
+    """Lambda and g from J^T (M, k, D), as one batched product J^T [diag(h) J, r]."""
+    k = jac_t.shape[-2]
+    right = torch.cat([jac_t * curvature.unsqueeze(-2), residual.unsqueeze(-2)], dim=-2)
+    product = jac_t @ right.transpose(-1, -2)  # (M, k, k + 1)
+    precision = product[..., :k] + torch.diag_embed(prior_precision)
+    return precision, product[..., k] + prior_gradient
+
+
+class FactoredNewtonStep(torch.autograd.Function):
+    """The Newton step s = Lambda^-1 g with J = W A (module docstring), and its exact gradient
+    without J.
+
+    Forward forms J^T = F W^T (F = A^T; one (M k, h) @ (h, D) product), Lambda and g, and
+    solves. The backward needs no J: with u = Lambda^-1 ds (ds the incoming gradient),
+    dL/dLambda = -u s^T and dL/dg = u, so
+
+        dL/dJ_n = a_n s_n^T + b_n u_n^T,   a = -h * (J u),   b = r - h * (J s)    (rank 2)
+        dL/dW = sum_n dL/dJ_n A_n^T,   dL/dA_n = W^T dL/dJ_n,
+        dL/dh = -(J u) * (J s),   dL/dr = J u,   dL/dS_0^-1 = -u * s,   dL/dg_0 = u,
+
+    where J u = W (A u) and J s = W (A s) cost two matrix-vector products per point: three
+    (2M, D) x (D, h)-sized products in all, where autograd through J pays two (M k, h) x (h, D)
+    products. The jitter that ``cholesky_with_jitter`` adds where Lambda fails to factorize
+    counts as a constant here.
+    """
+
+    @staticmethod
+    def forward(ctx, weight, factor, curvature, residual, prior_precision, prior_gradient, jitter):
+        precision, gradient = _factored_precision_and_gradient(
+            _factored_jacobian_t(weight, factor), curvature, residual, prior_precision, prior_gradient)
+        tril = cholesky_with_jitter(precision, jitter)
+        step = torch.cholesky_solve(gradient.unsqueeze(-1), tril).squeeze(-1)
+        ctx.save_for_backward(weight, factor, curvature, residual, tril, step)
+        return step
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_step):
+        weight, factor, curvature, residual, tril, step = ctx.saved_tensors
+        u = torch.cholesky_solve(grad_step.unsqueeze(-1), tril).squeeze(-1)
+        rows = len(u)
+        pair = torch.stack([step, u], dim=-1)  # (M, k, 2)
+        # A_n s_n and A_n u_n (F_n^T s_n, F_n^T u_n) interleaved as rows 2n, 2n + 1: (2M, h)
+        factor_su = (pair.transpose(-1, -2) @ factor).reshape(2 * rows, -1)
+        jac_su = (factor_su @ weight.T).view(rows, 2, -1)  # J_n s_n, J_n u_n
+        jac_s, jac_u = jac_su[:, 0], jac_su[:, 1]
+        ab = torch.stack([-curvature * jac_u, residual - curvature * jac_s], dim=1)  # a_n, b_n
+        ab = ab.reshape(2 * rows, -1)
+        needs = ctx.needs_input_grad
+        grad_weight = ab.T @ factor_su if needs[0] else None  # sum_n a_n (A_n s_n)^T + b_n (A_n u_n)^T
+        # dL/dF_n = s_n (W^T a_n)^T + u_n (W^T b_n)^T
+        grad_factor = pair @ (ab @ weight).view(rows, 2, -1) if needs[1] else None
+        return (grad_weight, grad_factor, -jac_u * jac_s if needs[2] else None,
+                jac_u if needs[3] else None, -u * step if needs[4] else None, u, None)
+
+
+class FactoredPrecision(torch.autograd.Function):
+    """Lambda = J^T diag(h) J + diag(S_0^-1) with J^T = F W^T, keeping J^T for the backward:
+    with S = G + G^T (G = dL/dLambda), dL/dJ^T = (S J^T) diag(h) and dL/dh = 1/2 diag(J S J^T)
+    share the one batched product S J^T, where autograd through the two products of Lambda
+    pays two."""
+
+    @staticmethod
+    def forward(ctx, weight, factor, curvature, prior_precision):
+        jac_t = _factored_jacobian_t(weight, factor)
+        ctx.save_for_backward(weight, factor, curvature, jac_t)
+        precision = jac_t @ (jac_t * curvature.unsqueeze(-2)).transpose(-1, -2)
+        return precision + torch.diag_embed(prior_precision)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_precision):
+        weight, factor, curvature, jac_t = ctx.saved_tensors
+        s_jac_t = (grad_precision + grad_precision.transpose(-1, -2)) @ jac_t  # (M, k, D)
+        grad_jac_t = (s_jac_t * curvature.unsqueeze(-2)).reshape(-1, weight.shape[0])
+        needs = ctx.needs_input_grad
+        grad_weight = grad_jac_t.T @ factor.reshape(-1, factor.shape[-1]) if needs[0] else None
+        grad_factor = (grad_jac_t @ weight).view(factor.shape) if needs[1] else None
+        grad_curvature = 0.5 * (s_jac_t * jac_t).sum(-2) if needs[2] else None
+        grad_prior = grad_precision.diagonal(dim1=-2, dim2=-1) if needs[3] else None
+        return grad_weight, grad_factor, grad_curvature, grad_prior
+
+
+@dataclass
+class Linearization:
+    """log p(x, z) at the rows mu (N, k) and the terms of its Newton step there (module
+    docstring): h and r per pixel (masked pixels zeroed), S_0^-1 and g_0 = -S_0^-1 (mu - m_0)
+    from the prior, and the ReLU masks from which J is rebuilt (empty for other decoders)."""
+
+    mu: torch.Tensor
+    context: torch.Tensor | None
+    log_joint: torch.Tensor
+    curvature: torch.Tensor
+    residual: torch.Tensor
+    prior_precision: torch.Tensor
+    prior_gradient: torch.Tensor
+    masks: tuple[torch.Tensor, ...] = ()
+
+    def with_rows(self, rows: torch.Tensor, other: Linearization, chosen: torch.Tensor) -> Linearization:
+        """A copy whose ``rows`` are replaced by the ``chosen`` rows of ``other``."""
+        def put(mine, theirs):
+            return mine.index_copy(0, rows, theirs[chosen])
+        return Linearization(
+            put(self.mu, other.mu), self.context, put(self.log_joint, other.log_joint),
+            put(self.curvature, other.curvature), put(self.residual, other.residual),
+            put(self.prior_precision, other.prior_precision), put(self.prior_gradient, other.prior_gradient),
+            tuple(put(mine, theirs) for mine, theirs in zip(self.masks, other.masks, strict=True)))
 
 
 class VLAEGuide(AmortizedGuide):
@@ -296,6 +473,11 @@ class VLAEGuide(AmortizedGuide):
         self.site, self.z_dim = next(iter(self.latent_sites.items()))
         self.local = local  # reads the model's networks live; they stay the model's parameters
 
+    @property
+    def factored(self) -> bool:
+        """J = W_L A from the ReLU masks (``relu_factor``), rather than J itself."""
+        return self.use_closed_form and self.local.network is not None
+
     def head_size(self, size):
         return size
 
@@ -305,11 +487,15 @@ class VLAEGuide(AmortizedGuide):
             return self.local.jacobian(z, c)
         return autograd_jacobian(self.local.decode, z, c)
 
-    def newton_terms(self, mu, x, c=None, x_mask=None) -> NewtonTerms:
-        """Lambda(mu) and grad_z log p(x, z) at mu under the decoder linearized at mu, and the
-        exact log p(x, mu)."""
+    def linearize(self, mu, x, c=None, x_mask=None) -> Linearization:
+        """log p(x, mu) with the decoder itself, and h, r and the prior's terms at mu. Costs one
+        decoder pass: J is only formed when a step or the precision asks for it."""
         local = self.local
-        decoded, jac = self.decoder_jacobian(mu, c)
+        if self.factored:
+            network = local.network
+            decoded, masks = _relu_forward(network, mu if c is None else torch.cat([mu, c], dim=-1))
+        else:
+            decoded, masks = local.decode(mu, c), ()
         prior_loc, prior_scale = local.prior(c, mu)
         if local.likelihood == "gaussian":
             curvature = torch.ones_like(decoded) / local.noise() ** 2
@@ -323,48 +509,91 @@ class VLAEGuide(AmortizedGuide):
             weight = x_mask.to(decoded.dtype)
             curvature, residual = curvature * weight, residual * weight
             log_likelihood = log_likelihood * weight
-        precision = (jac.transpose(-1, -2) * curvature.unsqueeze(-2)) @ jac
-        precision = precision + torch.diag_embed(prior_scale.expand_as(mu) ** -2)
-        gradient = (jac.transpose(-1, -2) @ residual.unsqueeze(-1)).squeeze(-1)
-        gradient = gradient - (mu - prior_loc) / prior_scale**2
+        if self.factored:
+            for mask in masks[_inner_relus(network):]:  # a ReLU after the last Linear zeroes those rows of J
+                curvature, residual = curvature * mask, residual * mask
         log_prior = torch.distributions.Normal(prior_loc, prior_scale).log_prob(mu).sum(-1)
-        return NewtonTerms(precision, gradient, log_likelihood.sum(-1) + log_prior)
+        return Linearization(mu, c, log_likelihood.sum(-1) + log_prior, curvature, residual,
+                             prior_scale.expand_as(mu) ** -2, -((mu - prior_loc) / prior_scale**2), masks)
 
-    def refine(self, mu, x, c=None, x_mask=None, terms: NewtonTerms | None = None):
+    def _jacobian_parts(self, point: Linearization):
+        """(W_L, F) for a ReLU decoder (``relu_factor``), else (None, J) with J (N, D, k)."""
+        if self.factored:
+            weight, factor = relu_factor(self.local.network, point.masks, self.z_dim)
+            return weight, factor.expand(len(point.mu), -1, -1)
+        return None, self.decoder_jacobian(point.mu, point.context)[1]
+
+    def precision_and_gradient(self, point: Linearization):
+        """Lambda(mu) and grad_z log p(x, z) at mu under the decoder linearized at mu."""
+        weight, jac = self._jacobian_parts(point)
+        if weight is not None:
+            return _factored_precision_and_gradient(_factored_jacobian_t(weight, jac), point.curvature,
+                                                    point.residual, point.prior_precision,
+                                                    point.prior_gradient)
+        return precision_and_gradient(jac, point.curvature, point.residual, point.prior_precision,
+                                      point.prior_gradient)
+
+    def precision(self, point: Linearization) -> torch.Tensor:
+        """Lambda(mu), the precision of q at the last point."""
+        if self.factored:
+            weight, factor = self._jacobian_parts(point)
+            return FactoredPrecision.apply(weight, factor, point.curvature, point.prior_precision)
+        return self.precision_and_gradient(point)[0]
+
+    def newton_step(self, point: Linearization) -> torch.Tensor:
+        """Lambda(mu)^-1 grad_z log p(x, z) at mu."""
+        if self.factored:
+            weight, factor = self._jacobian_parts(point)
+            return FactoredNewtonStep.apply(weight, factor, point.curvature, point.residual,
+                                            point.prior_precision, point.prior_gradient, self.jitter)
+        precision, gradient = self.precision_and_gradient(point)
+        tril = cholesky_with_jitter(precision, self.jitter)
+        return torch.cholesky_solve(gradient.unsqueeze(-1), tril).squeeze(-1)
+
+    def newton_terms(self, mu, x, c=None, x_mask=None) -> NewtonTerms:
+        """Lambda(mu) and grad_z log p(x, z) at mu under the decoder linearized at mu, and the
+        exact log p(x, mu)."""
+        point = self.linearize(mu, x, c, x_mask)
+        return NewtonTerms(*self.precision_and_gradient(point), point.log_joint)
+
+    def refine(self, mu, x, c=None, x_mask=None, point: Linearization | None = None):
         """One guarded step mu -> mu + a Lambda(mu)^-1 grad log p(x, mu): a = 1 where that raises
         log p(x, z), else the first of 1/2, 1/4, 1/8 that does, else mu stays. Returns mu' and the
-        Newton terms at mu' (``terms``: those at mu, if already known). Points are rows; the
-        halvings are evaluated for the rows that still need them only."""
-        if terms is None:
-            terms = self.newton_terms(mu, x, c, x_mask)
-        factor = cholesky_with_jitter(terms.precision, self.jitter)
-        step = torch.cholesky_solve(terms.gradient.unsqueeze(-1), factor).squeeze(-1)
+        linearization at mu' (``point``: the one at mu, if already known). Points are rows; the
+        halvings are evaluated for the rows that still need them only, each with one decoder
+        pass (the guard needs log p(x, z) alone; J is formed at the accepted points only, by
+        the next step)."""
+        if point is None:
+            point = self.linearize(mu, x, c, x_mask)
+        step = self.newton_step(point)
         # "raises" up to float rounding: near the mode a step is ~0 and the sums of D pixel terms
         # differ only in their last digits, which must not trigger the halvings
-        floor = terms.log_joint - ROUNDING * terms.log_joint.abs()
-        new_mu, new_terms = mu, terms
-        pending = torch.arange(len(mu), device=mu.device)
-        for halvings in range(MAX_HALVINGS + 1):
+        floor = point.log_joint - ROUNDING * point.log_joint.abs()
+        proposed = self.linearize(mu + step, x, c, x_mask)
+        better = proposed.log_joint >= floor
+        if bool(better.all()):  # the common case: every full step is taken, nothing to merge
+            return proposed.mu, proposed
+        everything = torch.arange(len(mu), device=mu.device)
+        new_point = point.with_rows(everything[better], proposed, better)
+        pending = everything[~better]
+        for halvings in range(1, MAX_HALVINGS + 1):
             rows = pending
             proposal = mu[rows] + step[rows] / 2**halvings
-            proposed = self.newton_terms(proposal, x[rows], _rows(c, rows), _rows(x_mask, rows))
+            proposed = self.linearize(proposal, x[rows], _rows(c, rows), _rows(x_mask, rows))
             better = proposed.log_joint >= floor[rows]
-            kept = rows[better]
-            new_mu = new_mu.index_copy(0, kept, proposal[better])
-            new_terms = NewtonTerms(*(full.index_copy(0, kept, part[better])
-                                      for full, part in zip(new_terms, proposed, strict=True)))
+            new_point = new_point.with_rows(rows[better], proposed, better)
             pending = rows[~better]
             if len(pending) == 0:
                 break
-        return new_mu, new_terms
+        return new_point.mu, new_point
 
     def site_distributions(self, x, context=None, x_mask=None) -> dict:
         """q(z | x) = N(mu_T, Lambda(mu_T)^-1) for the model's latent site."""
         mu = self.heads[self.site](self.trunk(self.encoder_input(x, context)))
-        terms = self.newton_terms(mu, x, context, x_mask)
+        point = self.linearize(mu, x, context, x_mask)
         for _ in range(self.steps):
-            mu, terms = self.refine(mu, x, context, x_mask, terms)
-        return {self.site: PrecisionNormal(mu, cholesky_with_jitter(terms.precision, self.jitter))}
+            mu, point = self.refine(mu, x, context, x_mask, point)
+        return {self.site: PrecisionNormal(mu, cholesky_with_jitter(self.precision(point), self.jitter))}
 
     def forward(self, x, c=None, x_mask=None, **unused):
         posteriors = self.site_distributions(x, c, x_mask)
