@@ -146,6 +146,10 @@ def _parser() -> argparse.ArgumentParser:
     compare_cmd.add_argument("--data", required=True, help="a dataset of the model's family")
     _add_run_flags(compare_cmd, "comparison folder (default: runs/compare-MODEL-DATA-seedN)")
     _add_pair_options(compare_cmd)
+
+    course_cmd = commands.add_parser("course", help="build the course: executed HTML chapters and an index")
+    course_cmd.add_argument("--out", type=Path, default=Path("build/course"),
+                            help="where the pages go (default: build/course)")
     return parser
 
 
@@ -154,6 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "list":
             return _list()
+        if args.command == "course":
+            from bayeszoo.inference.course import main as build_course
+
+            return build_course(["--out", str(args.out)])
         _own_the_process()
         from bayeszoo.inference.compare import CompareError
         from bayeszoo.inference.runs import RunError
@@ -232,6 +240,8 @@ def _fit(args) -> int:
         download=args.download,
     )
     print(family.summary(run.scores))
+    for warning in run.metrics["warnings"]:
+        print(f"bayeszoo: warning: {warning}", file=sys.stderr)
     print(f"run folder: {run_dir}")
     return 0
 

@@ -194,7 +194,7 @@ class ImageFamily(_LatentVariables):
         means = posterior_means(guide, test)
         first_site = next(iter(means))
         figures["latent.png"] = plots.latent_scatter(
-            means[first_site], dataset.test["y"], f"E[{first_site} | x] on the test set"
+            means[first_site], dataset.test["y"], f"E[{first_site} | x] on the test set", site=first_site
         )
         if getattr(model, "latent_sites", {}).get("z") == 2 and "c" not in test:
             figures["manifold.png"] = plots.latent_manifold(model, dataset.image_shape)
@@ -277,8 +277,6 @@ class SupervisedFamily:
 
     def figures(self, model, guide, dataset, inputs, history) -> dict:
         """Training curve; the uncertainty band for 1-D regression, reliability for classification."""
-        import matplotlib.pyplot as plt
-
         from bayeszoo.inference import metrics
         from bayeszoo.inference.predictive import predictive
 
@@ -290,18 +288,9 @@ class SupervisedFamily:
             x = grid(dataset)
             draws = predictive(model, guide, x, samples)
             moments = metrics.predictive_moments(draws["mean"], draws["variance"])
-            figure, ax = plt.subplots(figsize=(6, 4))
-            plots.regression_band(
-                ax,
-                dataset.train["x"][:, 0],
-                dataset.train["y"],
-                x[:, 0],
-                moments["mean"],
-                moments["epistemic"].sqrt(),
-                moments["total"].sqrt(),
-                "posterior predictive",
-            )
-            figures["predictive.png"] = figure
+            figures["predictive.png"] = plots.predictive_band(
+                dataset.train["x"][:, 0], dataset.train["y"], x[:, 0], moments["mean"],
+                moments["epistemic"].sqrt(), moments["total"].sqrt())
         elif dataset.task == "classification":
             probs = predictive(model, guide, dataset.test["x"], samples)["probs"].mean(0)
             figures["reliability.png"] = plots.reliability_diagram({"test": (probs, dataset.test["y"])})

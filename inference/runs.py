@@ -175,6 +175,7 @@ def fit_run(
         "test": score(config, model, posterior, dataset, inputs, device, progress),
     }
     metrics.update(chain_diagnostics(posterior))
+    metrics["warnings"] = diagnostic_warnings(metrics)
     (run_dir / METRICS).write_text(json.dumps(metrics, indent=2))
     write_figures(run_dir, family, model.cpu(), posterior.cpu(), dataset, inputs, metrics["history"])
     return Run(run_dir, config, model, posterior, dataset, metrics, inputs)
@@ -227,6 +228,33 @@ def chain_diagnostics(posterior) -> dict:
             "min_ess": diagnostics.min_ess(draws),
         }
     }
+
+
+#: Thresholds of Vehtari et al. (2021) for chains, and Yao et al. (2018) for importance weights.
+MAX_RHAT, MIN_ESS_PER_CHAIN, MAX_KHAT = 1.01, 100, 0.7
+
+
+def diagnostic_warnings(metrics: dict) -> list[str]:
+    """Plain sentences for diagnostics that say the numbers should not be trusted as they are."""
+    warnings = []
+    chains = metrics.get("chains")
+    if chains and chains["max_rhat"] > MAX_RHAT:
+        warnings.append(
+            f"R-hat is {chains['max_rhat']:.2f} (> {MAX_RHAT}): the {chains['count']} chains disagree; "
+            "run longer or start them better (e.g. --nuts-init map)"
+        )
+    if chains and chains["min_ess"] < MIN_ESS_PER_CHAIN * chains["count"]:
+        warnings.append(
+            f"the smallest effective sample size is {chains['min_ess']:.0f} (< {MIN_ESS_PER_CHAIN} per "
+            "chain): the posterior summaries are noisy; draw more samples"
+        )
+    khat = metrics.get("test", {}).get("khat_mean")
+    if khat is not None and khat == khat and khat > MAX_KHAT:  # not NaN
+        warnings.append(
+            f"the mean PSIS k-hat is {khat:.2f} (> {MAX_KHAT}): q is far from the posterior and the "
+            "importance-sampled log-likelihood is unreliable (a loose lower bound)"
+        )
+    return warnings
 
 
 def write_figures(run_dir: Path, family, model, posterior, dataset, inputs, history) -> None:
