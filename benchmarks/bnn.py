@@ -1,4 +1,4 @@
-"""Benchmark: every Bayesian-neural-network method of ``inference.bnn.train``, speed and quality.
+"""Benchmark: every Bayesian-neural-network method of ``bayeszoo.inference.training.train``: speed, quality.
 
 Run ``.venv/bin/python benchmarks/bnn.py --threads 1`` (``--quick`` checks the script in about a
 minute). For each method (MAP, mean-field = Bayes by Backprop, + local reparameterization, +
@@ -64,10 +64,10 @@ from tqdm.auto import tqdm
 
 from bayeszoo.guides.samples import WeightSamples
 from bayeszoo.inference import metrics
-from bayeszoo.inference.bnn import train
 from bayeszoo.inference.metrics import memory_bytes
 from bayeszoo.inference.predictive import score
 from bayeszoo.inference.supervised import load_supervised
+from bayeszoo.inference.training import train
 from bayeszoo.models.bnn import BayesianNeuralNetwork
 from bayeszoo.models.nn import mlp
 
@@ -202,7 +202,7 @@ def train_handwritten_meanfield(net: nn.Module, data: dict, task: str, epochs: i
 
 def run_method(model, method: str, data: dict, cfg: Config, epochs: int, batch_size: int, lr: float,
                seed: int) -> tuple[object, dict]:
-    """``inference.bnn.train`` with the clock attached; returns (guide, timing)."""
+    """``bayeszoo.inference.training.train`` with the clock attached; returns (guide, timing)."""
     steps = math.ceil(len(data["x"]) / batch_size)
     clock = EpochClock(steps)
     options = {"members": cfg.members, "dropout": cfg.dropout, "laplace_structure": cfg.laplace_structure}
@@ -458,7 +458,7 @@ def markdown(report: dict) -> str:
     cfg, env = report["config"], report["environment"]
     bos, dig = report["boston"], report["digits"]
     lines = [
-        "# Bayesian neural networks: every method of `inference.bnn.train`",
+        "# Bayesian neural networks: every method of `bayeszoo.inference.training.train`",
         "",
         f"`{report['command']}`, {report['date']} to {report['finished']}; {env['cpu']} "
         f"({env['cpu_count']} cores shared with other jobs), torch threads: {env['torch_threads']}, "

@@ -60,12 +60,12 @@ from tqdm.auto import tqdm
 
 from bayeszoo.guides.map import MAPGuide
 from bayeszoo.guides.tradi import TradiGuide
-from bayeszoo.inference.bnn import train
 from bayeszoo.inference.metrics import memory_bytes
 from bayeszoo.inference.predictive import score
 from bayeszoo.inference.supervised import load_supervised
 from bayeszoo.inference.svi import fit
 from bayeszoo.inference.tradi import WeightTracker
+from bayeszoo.inference.training import train
 from bayeszoo.models.bnn import BayesianNeuralNetwork
 from bayeszoo.models.nn import mlp
 

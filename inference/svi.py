@@ -252,6 +252,67 @@ def fit(model, guide, train: dict, valid: dict | None = None, *,
             checkpoint and ``load_state_dict`` restores it on resume, so they resume too.
         x_dim: expected size of the last dimension of ``x``, checked before training.
     """
+    _check_inputs(train, valid, x_dim, epochs, batch_size, clip_norm)
+    run_dir = Path(run_dir) if run_dir is not None else None
+    checkpoint_path = run_dir / CHECKPOINT if run_dir is not None else None
+    if resume and (checkpoint_path is None or not checkpoint_path.exists()):
+        raise FileNotFoundError(f"cannot resume: no checkpoint at {checkpoint_path}")
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+
+    set_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    model.to(device), guide.to(device)
+    model.train(), guide.train()
+    nesting = _setup_trace(model, guide, train, batch_size, batch_transform, seed, device)
+    objective = _elbo(elbo, num_particles, nesting)
+    params = _parameters(model, guide)
+    opt = optimizer(params, lr=lr)
+    schedule = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=lr_decay)
+    initial = (model.state_dict(), guide.state_dict())
+    progress_so_far = _Progress(FitResult(run_dir=run_dir), best_state=initial)
+    if resume:
+        progress_so_far = _restore(checkpoint_path, device, model, guide, opt, schedule, generator,
+                                   checkpoint_extras or {}, run_dir)
+    else:
+        set_seed(seed)  # the setup trace must not shift the random stream
+    result = progress_so_far.result
+
+    num_train = _size(train)
+    for epoch in range(progress_so_far.start_epoch, epochs):
+        beta = kl_weight(epoch, kl_anneal_epochs, kl_anneal_start)
+        started = time.perf_counter()
+        total = _train_epoch(objective, model, guide, opt, params, train, batch_size, generator,
+                             batch_transform, beta, nesting, clip_norm, device, epoch, epochs,
+                             checkpoint_path, progress)
+        schedule.step()
+        row = {"epoch": epoch + 1, "train_elbo": -total / num_train, "kl_weight": beta,
+               "seconds": time.perf_counter() - started}
+        if valid is not None:
+            row["valid_elbo"] = evaluate_elbo(model, guide, valid, device=device, num_data=num_train,
+                                              num_particles=num_particles, elbo=elbo)
+        progress_so_far.record(row, model, guide)
+        if progress:
+            tqdm.write(_describe(row))
+        if checkpoint_path is not None:
+            save_atomically(_checkpoint_state(model, guide, opt, schedule, generator, epoch, result,
+                                               progress_so_far.bad_epochs, progress_so_far.best_state,
+                                               checkpoint_extras or {}), checkpoint_path)
+        if patience is not None and progress_so_far.bad_epochs >= patience:
+            result.stopped_early = True
+            break
+
+    if patience is not None:
+        best_model, best_guide = progress_so_far.best_state
+        model.load_state_dict(best_model), guide.load_state_dict(best_guide)
+    if run_dir is not None:
+        save_atomically({"model": model.state_dict(), "guide": guide.state_dict()}, run_dir / FINAL_WEIGHTS)
+    model.eval(), guide.eval()
+    return result
+
+
+def _check_inputs(train, valid, x_dim, epochs, batch_size, clip_norm) -> None:
+    """Bad data or settings, reported before anything is built or written."""
     for name, data in (("train", train), ("valid", valid)):
         if data is not None:
             try:
@@ -262,104 +323,85 @@ def fit(model, guide, train: dict, valid: dict | None = None, *,
         raise ValueError(f"epochs and batch_size must be positive, got {epochs} and {batch_size}")
     if clip_norm is not None and not clip_norm > 0:
         raise ValueError(f"clip_norm must be positive, got {clip_norm}")
-    run_dir = Path(run_dir) if run_dir is not None else None
-    checkpoint_path = run_dir / CHECKPOINT if run_dir is not None else None
-    if resume and (checkpoint_path is None or not checkpoint_path.exists()):
-        raise FileNotFoundError(f"cannot resume: no checkpoint at {checkpoint_path}")
-    if run_dir is not None:
-        run_dir.mkdir(parents=True, exist_ok=True)
 
-    pyro.clear_param_store()
-    set_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    model.to(device), guide.to(device)
-    model.train(), guide.train()
-    # One trace creates any parameters a guide makes lazily (AutoGuides) before the optimizer sees them.
+
+def _setup_trace(model, guide, train: dict, batch_size: int, batch_transform, seed: int, device) -> int:
+    """One trace of model and guide on a first minibatch, with Pyro's validation on: it creates
+    any parameters a guide makes lazily (AutoGuides) before the optimizer sees them, catches shape
+    and support errors, and returns the plates' batch dimensions."""
     first = _first(train, batch_size)
     if batch_transform is not None:
         first = batch_transform(first, torch.Generator().manual_seed(seed))
-    nesting = max_plate_nesting(model, guide, _to(first, device))
-    objective = _elbo(elbo, num_particles, nesting)
-    params = _parameters(model, guide)
-    opt = optimizer(params, lr=lr)
-    schedule = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=lr_decay)
+    return max_plate_nesting(model, guide, _to(first, device))
 
-    result = FitResult(run_dir=run_dir)
-    start_epoch, bad_epochs = 0, 0
-    best_state = (model.state_dict(), guide.state_dict())
-    if resume:
-        state = torch.load(checkpoint_path, map_location=device, weights_only=True)
-        model.load_state_dict(state["model"]), guide.load_state_dict(state["guide"])
-        opt.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        torch.set_rng_state(state["torch_rng"].cpu())
-        generator.set_state(state["data_rng"].cpu())
-        for name, extra in (checkpoint_extras or {}).items():
-            extra.load_state_dict(state["extras"][name])
-        start_epoch, bad_epochs = state["epoch"] + 1, state["bad_epochs"]
-        result.history, result.best_epoch = list(state["history"]), state["best_epoch"]
-        best_state = (state["best_model"], state["best_guide"])
-    else:
-        set_seed(seed)  # the warm-up call above must not shift the random stream
 
+@dataclass
+class _Progress:
+    """Where training stands: the result so far, the epoch to start at, epochs without
+    improvement and the best weights (restored at the end under early stopping)."""
+
+    result: FitResult
+    best_state: tuple[dict, dict]
+    start_epoch: int = 0
+    bad_epochs: int = 0
+
+    def record(self, row: dict, model, guide) -> None:
+        history = self.result.history
+        history.append(row)
+        if self.result.best_epoch < 0 or _score(row) > _score(history[self.result.best_epoch]):
+            self.result.best_epoch, self.bad_epochs = len(history) - 1, 0
+            self.best_state = (_clone(model.state_dict()), _clone(guide.state_dict()))
+        else:
+            self.bad_epochs += 1
+
+
+def _restore(checkpoint_path: Path, device, model, guide, opt, schedule, generator, extras,
+             run_dir) -> _Progress:
+    """Load a checkpoint into everything that carries state: weights, optimizer, schedule, both
+    random streams and the extras; the resumed run continues exactly as if never stopped."""
+    state = torch.load(checkpoint_path, map_location=device, weights_only=True)
+    model.load_state_dict(state["model"]), guide.load_state_dict(state["guide"])
+    opt.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    torch.set_rng_state(state["torch_rng"].cpu())
+    generator.set_state(state["data_rng"].cpu())
+    for name, extra in extras.items():
+        extra.load_state_dict(state["extras"][name])
+    result = FitResult(history=list(state["history"]), best_epoch=state["best_epoch"], run_dir=run_dir)
+    best_state = (state["best_model"], state["best_guide"])
+    return _Progress(result, best_state, state["epoch"] + 1, state["bad_epochs"])
+
+
+def _train_epoch(objective, model, guide, opt, params, train, batch_size, generator, batch_transform, beta,
+                 nesting, clip_norm, device, epoch, epochs, checkpoint_path, progress) -> float:
+    """One pass over the shuffled training set; returns the summed loss."""
     num_train = _size(train)
     steps_per_epoch = math.ceil(num_train / batch_size)
-    for epoch in range(start_epoch, epochs):
-        beta = kl_weight(epoch, kl_anneal_epochs, kl_anneal_start)
-        started, total = time.perf_counter(), 0.0
-        bar = tqdm(_minibatches(train, batch_size, generator), total=steps_per_epoch,
-                   desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)
-        # The setup trace above ran with Pyro's validation on and caught shape and support
-        # errors; switching it off here saves ~15% per step. A NaN then surfaces as a NaN loss.
-        with pyro.validation_enabled(False):
-            for step_in_epoch, batch in enumerate(bar):
-                if batch_transform is not None:
-                    batch = batch_transform(batch, generator)
-                batch = _to(batch, device)
-                loss = _step_loss(objective, model, guide, batch, beta, _size(batch) / num_train, nesting)
-                value = loss.item()
-                if not math.isfinite(value):
-                    step = epoch * steps_per_epoch + step_in_epoch + 1
-                    kept = checkpoint_path if checkpoint_path and checkpoint_path.exists() else None
-                    raise NonFiniteLossError(step, epoch, value, kept)
-                opt.zero_grad()
-                loss.backward()
-                if clip_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(params, clip_norm)
-                opt.step()
-                total += value
-                if progress:
-                    bar.set_postfix(loss=f"{value / _size(batch):.2f}")
-        schedule.step()
-        row = {"epoch": epoch + 1, "train_elbo": -total / num_train, "kl_weight": beta,
-               "seconds": time.perf_counter() - started}
-        if valid is not None:
-            row["valid_elbo"] = evaluate_elbo(model, guide, valid, device=device, num_data=num_train,
-                                              num_particles=num_particles, elbo=elbo)
-        result.history.append(row)
-        improved = result.best_epoch < 0 or _score(row) > _score(result.history[result.best_epoch])
-        if improved:
-            result.best_epoch, bad_epochs = len(result.history) - 1, 0
-            best_state = (_clone(model.state_dict()), _clone(guide.state_dict()))
-        else:
-            bad_epochs += 1
-        if progress:
-            tqdm.write(_describe(row))
-        if checkpoint_path is not None:
-            save_atomically(_checkpoint_state(model, guide, opt, schedule, generator, epoch, result,
-                                               bad_epochs, best_state, checkpoint_extras or {}),
-                             checkpoint_path)
-        if patience is not None and bad_epochs >= patience:
-            result.stopped_early = True
-            break
-
-    if patience is not None:
-        model.load_state_dict(best_state[0]), guide.load_state_dict(best_state[1])
-    if run_dir is not None:
-        save_atomically({"model": model.state_dict(), "guide": guide.state_dict()},
-                         run_dir / FINAL_WEIGHTS)
-    model.eval(), guide.eval()
-    return result
+    total = 0.0
+    bar = tqdm(_minibatches(train, batch_size, generator), total=steps_per_epoch,
+               desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)
+    # The setup trace ran with Pyro's validation on and caught shape and support errors;
+    # switching it off here saves ~15% per step. A NaN then surfaces as a NaN loss.
+    with pyro.validation_enabled(False):
+        for step_in_epoch, batch in enumerate(bar):
+            if batch_transform is not None:
+                batch = batch_transform(batch, generator)
+            batch = _to(batch, device)
+            loss = _step_loss(objective, model, guide, batch, beta, _size(batch) / num_train, nesting)
+            value = loss.item()
+            if not math.isfinite(value):
+                step = epoch * steps_per_epoch + step_in_epoch + 1
+                kept = checkpoint_path if checkpoint_path and checkpoint_path.exists() else None
+                raise NonFiniteLossError(step, epoch, value, kept)
+            opt.zero_grad()
+            loss.backward()
+            if clip_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, clip_norm)
+            opt.step()
+            total += value
+            if progress:
+                bar.set_postfix(loss=f"{value / _size(batch):.2f}")
+    return total
 
 
 def _step_loss(objective: ELBO, model, guide, batch: dict, beta: float, share: float,

@@ -17,12 +17,11 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from bayeszoo.guides.map import MAPGuide
 from bayeszoo.guides.tradi import TradiGuide
 from bayeszoo.guides.weight_laplace import WeightLaplaceGuide
-from bayeszoo.inference import bnn as bnn_inference
-from bayeszoo.inference import cli, diagnostics
-from bayeszoo.inference.bnn import train
+from bayeszoo.inference import cli, diagnostics, runs
 from bayeszoo.inference.mcmc import pooled, run_nuts
 from bayeszoo.inference.predictive import predictive
 from bayeszoo.inference.svi import fit
+from bayeszoo.inference.training import train
 from bayeszoo.models.bnn import BayesianNeuralNetwork
 
 N, D, SIGMA, PRIOR_SD = 30, 2, 0.5, 1.0
@@ -227,11 +226,12 @@ def test_tradi_guide_samples_different_weights_and_reports_its_memory():
 def test_cli_fits_every_bnn_guide(tmp_path, method):
     lr = {"sgld": "1e-4", "sghmc": "1e-5"}.get(method, "0.01")
     argv = ["fit", "bnn", "--guide", method, "--data", "gap", "--epochs", "3", "--batch-size", "80",
-            "--lr", lr, "--hidden", "8", "--out", str(tmp_path), "--no-progress", "--nuts-samples", "20",
-            "--nuts-warmup", "20", "--predictive-samples", "20"]
+            "--lr", lr, "--hidden", "8", "--out", str(tmp_path), "--no-progress",
+            "--predictive-samples", "20"]
     if method == "nuts":
         # bounded cost: 16 steps per draw; the MAP start and the compiled potential wired through
-        argv += ["--noise", "0.1", "--nuts-max-tree-depth", "4", "--nuts-init", "map", "--nuts-jit"]
+        argv += ["--noise", "0.1", "--nuts-max-tree-depth", "4", "--nuts-init", "map", "--nuts-jit",
+                 "--nuts-samples", "20", "--nuts-warmup", "20"]
     assert cli.main(argv) == 0
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["test"]["rmse"] > 0 and metrics["posterior_bytes"] > 0
@@ -352,8 +352,9 @@ def test_cli_compare_bnn_resumes_an_interrupted_comparison(tmp_path, capsys, mon
     assert cli.main(argv) == cli.EXIT_USAGE  # nothing is overwritten without --resume
     assert "--resume" in capsys.readouterr().err
     trained = []
-    original = bnn_inference.train
-    monkeypatch.setattr(bnn_inference, "train", lambda *a, **k: trained.append(a[1]) or original(*a, **k))
+    original = runs.fit_run
+    monkeypatch.setattr(runs, "fit_run", lambda config, *a, **k: trained.append(config["guide"]) or original(
+        config, *a, **k))
     assert cli.main(argv + ["--resume"]) == 0
     assert trained == ["sgld"]  # MAP was read back; SGLD continued from its checkpoint (its draws in it)
     assert _scores_of((tmp_path / "compare.csv").read_text()) == _scores_of(finished)

@@ -1,6 +1,7 @@
 """The bayeszoo command: every bad input is one clear line and exit status 2, before training."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -88,3 +89,116 @@ def test_state_space_fit_reports_nats_per_time_step(tmp_path):
     assert test["elbo_per_step"] == pytest.approx(test["elbo"] / 25, rel=1e-6)
     assert test["is_log_likelihood_per_step"] >= test["elbo_per_step"]
     assert (run / "training.png").exists()
+
+
+# ---------------------------------------------------------------- every bad input: one line, exit 2
+
+
+def _corrupt_run(tmp_path, what: str):
+    run = tmp_path / what
+    run.mkdir()
+    if what == "malformed":
+        (run / "config.json").write_text("{not json")
+    elif what == "foreign":
+        (run / "config.json").write_text(json.dumps({"model": "vae", "guide": "amortized"}))
+    elif what == "unfinished":  # a valid config, no posterior
+        from bayeszoo.inference.runs import plan
+
+        (run / "config.json").write_text(json.dumps(plan("vae", "amortized", "digits")))
+    return str(run)
+
+
+FIT = ["fit", "vae", "--guide", "amortized", "--data", "digits"]
+BNN = ["fit", "bnn", "--guide", "map", "--data", "gap"]
+
+
+@pytest.mark.parametrize("argv, expected", [
+    ([*FIT, "--epochs", "three"], "--epochs"),                       # wrong type
+    ([*FIT, "--epochs", "0"], "--epochs must be positive"),          # out of range
+    ([*FIT, "--lr-decay", "1.5"], "--lr-decay"),
+    ([*FIT, "--hidden", "16,x"], "--hidden"),
+    ([*FIT, "--likelihood", "poisson"], "--likelihood"),
+    ([*FIT, "--members", "3"], "--members does not apply to vae with guide amortized"),   # not applicable
+    ([*FIT, "--laplace-structure", "full"], "does not apply"),
+    (["fit", "ppca", "--guide", "amortized", "--data", "digits", "--likelihood", "bernoulli"],
+     "does not apply"),
+    ([*BNN, "--num-particles", "4"], "--num-particles does not apply to bnn with guide map"),
+    ([*BNN, "--kl-anneal", "5"], "--kl-anneal does not apply"),
+    ([*BNN, "--split", "25"], "--split must be in 0..19"),
+    ([*BNN, "--noise", "-1"], "--noise"),
+    ([*BNN, "--dropout", "0.1"], "--dropout does not apply"),
+    (["fit", "bnn", "--guide", "nuts", "--data", "gap", "--noise", "learned"],
+     "MCMC samples sample sites only"),
+    ([*FIT, "--device", "gpu"], "--device must be cpu, cuda or cuda:N"),
+    ([*FIT, "--device", "mps"], "--device must be cpu, cuda or cuda:N"),
+    (["evaluate", "MISSING"], "not a finished run folder"),           # missing file
+    (["evaluate", "malformed"], "is not a bayeszoo run config"),      # corrupted run folder
+    (["evaluate", "foreign"], "is not a bayeszoo run config"),
+    (["evaluate", "unfinished"], "not a finished run folder"),
+    (["evaluate", "unfinished", "--predictive-samples", "5"], "--predictive-samples does not apply"),
+    ([*FIT, "--no-such-flag"], "unrecognized arguments"),
+])
+def test_every_bad_input_is_one_line_exit_2_and_writes_nothing(capsys, tmp_path, argv, expected):
+    if argv[0] == "evaluate" and argv[1] != "MISSING":
+        argv = ["evaluate", _corrupt_run(tmp_path, argv[1]), *argv[2:]]
+    elif argv[0] == "evaluate":
+        argv = ["evaluate", str(tmp_path / "missing")]
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    out = ["--out", str(tmp_path / "run")] if argv[0] == "fit" else []
+    with _no_exit():
+        code = main(argv + out)
+        assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err, err
+    assert expected in err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # no folder created or changed
+
+
+class _no_exit:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, traceback):
+        if kind is SystemExit:  # argparse's own errors exit 2 with one line
+            assert value.code == 2
+            return True
+        return False
+
+
+def test_version_and_help_name_every_default(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    from bayeszoo import __version__
+
+    assert capsys.readouterr().out.strip() == f"bayeszoo {__version__}"
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--epochs", "--batch-size", "--lr", "--seed", "--device", "--guide", "--data",
+                 "--flow-length", "--members", "--nuts-jit"):
+        assert flag in text
+    assert "default: 10" in text and "applies to" in text
+
+
+def test_the_figures_a_run_writes_are_readable(tmp_path, monkeypatch):
+    """Titles, axis labels and legends on every figure `fit` saves, for images and for a 1-D BNN."""
+    from matplotlib.figure import Figure
+    from test_plots import readability_problems
+
+    problems, saved = {}, []
+    original = Figure.savefig
+
+    def checked_savefig(figure, path, *args, **kwargs):
+        saved.append(Path(path).name)
+        problems[Path(path).name] = readability_problems(figure)
+        return original(figure, path, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", checked_savefig)
+    assert main(["fit", "vae", "--guide", "amortized", "--data", "digits", "--epochs", "2", "--z-dim", "2",
+                 "--hidden", "16", "--is-samples", "5", "--no-progress", "--out", str(tmp_path / "vae")]) == 0
+    assert main(["fit", "bnn", "--guide", "meanfield", "--data", "gap", "--epochs", "2", "--hidden", "8",
+                 "--predictive-samples", "10", "--no-progress", "--out", str(tmp_path / "bnn")]) == 0
+    assert {"training.png", "reconstructions.png", "samples.png", "latent.png", "manifold.png",
+            "predictive.png"} <= set(saved)
+    assert all(not found for found in problems.values()), problems

@@ -8,12 +8,12 @@ import math
 import pytest
 import torch
 
-from bayeszoo.inference import compare as compare_module
-from bayeszoo.inference import registry
-from bayeszoo.inference.compare import TABLE, CompareError, compare, importance_weights
+from bayeszoo.inference import runs, training
+from bayeszoo.inference.compare import CompareError, compare
 from bayeszoo.inference.diagnostics import MIN_PSIS_SAMPLES, psis_khat
-from bayeszoo.inference.evaluate import importance_sampling
+from bayeszoo.inference.evaluate import evaluate, importance_sampling
 from bayeszoo.inference.registry import RegistryError
+from bayeszoo.inference.report import LATENT_TABLE as TABLE
 from bayeszoo.inference.svi import NonFiniteLossError
 
 GUIDES = ["amortized", "rank1", "planar"]
@@ -68,21 +68,28 @@ def test_khat_needs_enough_samples_and_finite_weights():
 # --------------------------------------------------------------------------- scoring
 
 
-def test_one_pass_of_weights_agrees_with_the_is_estimator():
+def test_one_pass_of_weights_gives_every_score_from_the_same_draws():
     from bayeszoo.guides.amortized import AmortizedNormal
+    from bayeszoo.inference.evaluate import log_weight_terms
+    from bayeszoo.inference.svi import max_plate_nesting
     from bayeszoo.models.vae import VAE
 
     model, guide = VAE(16, 2, (8,)), AmortizedNormal(VAE(16, 2, (8,)), (8,))
-    data = {"x": torch.bernoulli(torch.full((30, 16), 0.3))}
+    data = {"x": torch.bernoulli(torch.full((20, 16), 0.3))}
     torch.manual_seed(1)
-    expected = importance_sampling(model, guide, data, num_samples=25, batch_size=20, chunk_size=10)
+    got = importance_sampling(model, guide, data, num_samples=25, batch_size=20, chunk_size=10)
+    # by hand: the same three chunks of draws (10, 10, 5), every score from their log weights
     torch.manual_seed(1)
-    got = importance_weights(model, guide, data, num_samples=25, batch_size=20, chunk_size=10)
-    for name in ("log_likelihood", "elbo", "kl"):
-        torch.testing.assert_close(got[name], expected[name])
-    assert torch.isfinite(got["khat"]).all() and got["khat"].shape == (30,)
+    nesting = max_plate_nesting(model, guide, data)  # the pass starts with one trace, as here
+    terms = [log_weight_terms(model, guide, data, k, nesting) for k in (10, 10, 5)]
+    log_w = torch.cat([likelihood + prior_ratio for likelihood, prior_ratio in terms])
+    torch.testing.assert_close(got["log_likelihood"], torch.logsumexp(log_w, 0) - math.log(25))
+    torch.testing.assert_close(got["elbo"], log_w.mean(0))
+    torch.testing.assert_close(got["kl"], -torch.cat([ratio for _, ratio in terms]).mean(0))
+    torch.testing.assert_close(got["khat"], psis_khat(log_w))
+    assert torch.isfinite(got["khat"]).all() and got["khat"].shape == (20,)
     # too few samples for a k-hat: NaN, not ArviZ's +inf
-    assert importance_weights(model, guide, data, num_samples=5)["khat"].isnan().all()
+    assert importance_sampling(model, guide, data, num_samples=5)["khat"].isnan().all()
 
 
 def test_a_point_mass_guide_gets_no_is_estimate_and_no_khat():
@@ -91,7 +98,7 @@ def test_a_point_mass_guide_gets_no_is_estimate_and_no_khat():
 
     model = VAE(16, 2, (8,))
     data = {"x": torch.bernoulli(torch.full((30, 16), 0.3))}
-    scores = compare_module.score(model, AmortizedDelta(model, (8,)), data, num_samples=25)
+    scores = evaluate(model, AmortizedDelta(model, (8,)), data, num_samples=25)
     assert scores["point_mass"] and math.isfinite(scores["elbo"])
     assert math.isnan(scores["is_log_likelihood"]) and math.isnan(scores["khat_mean"])
 
@@ -101,13 +108,13 @@ def test_a_point_mass_guide_gets_no_is_estimate_and_no_khat():
 
 def test_tiny_comparison_writes_table_csv_figure_from_equal_starts(tmp_path, monkeypatch):
     initial = {}
-    real_fit = compare_module.fit
+    real_fit = training.fit
 
     def recording_fit(model, guide, *args, **kwargs):
         initial[kwargs["run_dir"].name] = {k: v.clone() for k, v in model.state_dict().items()}
         return real_fit(model, guide, *args, **kwargs)
 
-    monkeypatch.setattr(compare_module, "fit", recording_fit)
+    monkeypatch.setattr(training, "fit", recording_fit)
     out = tmp_path / "cmp"
     rows = compare("vae", ",".join(GUIDES), "digits", out=out, **TINY)
 
@@ -156,7 +163,7 @@ def test_tiny_comparison_writes_table_csv_figure_from_equal_starts(tmp_path, mon
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr(compare_module, "fit", no_training)
+    monkeypatch.setattr(training, "fit", no_training)
     # a folder written before a fit option existed (here: clip_norm) resumes too: it had the default
     config_path = out / GUIDES[0] / "config.json"
     older = json.loads(config_path.read_text())
@@ -177,29 +184,29 @@ def test_tiny_comparison_writes_table_csv_figure_from_equal_starts(tmp_path, mon
     ("vae", ["amortized", "amortized"], "digits", {}, "named twice"),
     ("vae", [], "digits", {}, "no guides"),
     ("vae", ["amortized"], "digits", {"fit_options": {"epoch": 3}}, "unknown fit option"),
-    ("vae", ["amortized"], "digits", {"is_samples": 0}, "is_samples"),
+    ("vae", ["amortized"], "digits", {"is_samples": 0}, "is.samples"),  # is_samples or --is-samples
 ])
 def test_bad_input_fails_before_data_or_training(tmp_path, monkeypatch, model, guides, data, extra,
                                                  message):
     def forbidden(*args, **kwargs):
         raise AssertionError("data were loaded or a model was trained")
 
-    monkeypatch.setattr(registry, "load_data", forbidden)
-    monkeypatch.setattr(compare_module, "fit", forbidden)
+    monkeypatch.setattr(runs, "load_data", forbidden)
+    monkeypatch.setattr(training, "fit", forbidden)
     with pytest.raises((RegistryError, CompareError), match=message):
         compare(model, guides, data, out=tmp_path / "cmp", **{**TINY, **extra})
     assert not (tmp_path / "cmp").exists()
 
 
 def test_a_guide_whose_loss_turns_nan_is_reported_and_the_others_carry_on(tmp_path, monkeypatch):
-    real_fit = compare_module.fit
+    real_fit = training.fit
 
     def failing_rank1(model, guide, *args, **kwargs):
         if kwargs["run_dir"].name == "rank1":
             raise NonFiniteLossError(7, 0, float("nan"), None)
         return real_fit(model, guide, *args, **kwargs)
 
-    monkeypatch.setattr(compare_module, "fit", failing_rank1)
+    monkeypatch.setattr(training, "fit", failing_rank1)
     rows = compare("vae", ["rank1", "amortized"], "digits", out=tmp_path / "cmp", **TINY)
     assert rows[0]["status"].startswith("stopped: loss became nan at step 7")
     assert rows[1]["status"] == "ok"
@@ -210,7 +217,7 @@ def test_a_guide_whose_loss_turns_nan_is_reported_and_the_others_carry_on(tmp_pa
 def test_sequence_models_are_compared_per_time_step(tmp_path, monkeypatch):
     from bayeszoo.inference.sequences import linear_gaussian_dataset
 
-    monkeypatch.setattr(registry, "load_data",
+    monkeypatch.setattr(runs, "load_data",
                         lambda *args, **kwargs: linear_gaussian_dataset(sizes=(20, 10, 10), num_steps=5))
     rows = compare("dmm", ["mf-l", "st-lr"], "linear-gaussian", out=tmp_path / "cmp",
                    options={"z_dim": 2, "rnn_dim": 8}, fit_options={"epochs": 1, "batch_size": 10},

@@ -246,7 +246,9 @@ def test_every_guide_runs_with_particles_masks_controls(structure):
     guide = StructuredInferenceNetwork(model, structure, rnn_dim=8, num_iafs=1 if structure == "st-lr" else 0,
                                        iaf_dim=8)
     scores = importance_sampling(model, guide, {"x": x, "mask": mask, "u": u}, num_samples=7)
-    assert all(v.shape == (3,) and torch.isfinite(v).all() for v in scores.values())
+    for name in ("log_likelihood", "elbo", "kl"):
+        assert scores[name].shape == (3,) and torch.isfinite(scores[name]).all()
+    assert scores["khat"].isnan().all()  # K = 7 is too few for a Pareto fit
     assert guide.sample_states(x, mask, u, num_samples=5).shape == (5, 3, 6, 2)
     assert guide.last_state(x, mask, u, num_samples=5).shape == (5, 3, 2)
 

@@ -285,8 +285,8 @@ plt.show()
 #
 # * a **deterministic baseline**: an MLP $f(c)$ with one logit per pixel, trained with the
 #   Bernoulli cross-entropy of the hidden pixels,
-#   $-\log p(x_{\text{hidden}} \mid c) = -\sum_{d\ \text{hidden}} \big[x_d \log \sigma(f_d(c))
-#   + (1 - x_d) \log\big(1 - \sigma(f_d(c))\big)\big]$.
+#   $-\log p(x_{\text{hidden}} \mid c) = -\sum_{d\ \text{hidden}} \big[x_d \log \sigma(f_d(c)) +
+#   (1 - x_d) \log\big(1 - \sigma(f_d(c))\big)\big]$.
 #   This is a proper probabilistic model too, but its pixels are independent given $c$: it can
 #   say "this pixel is on with probability 0.4", never "a 7 or else a 9";
 # * the **CVAE**, now with the learned prior network $p_\theta(z \mid c)$: a quadrant says a lot

@@ -54,11 +54,11 @@ import torch
 pyro.settings.set(module_local_params=True)  # PyroModules keep their parameters, as torch optimizers expect
 from bayeszoo.guides.weight_laplace import WeightLaplaceGuide
 from bayeszoo.inference import diagnostics
-from bayeszoo.inference.bnn import train
 from bayeszoo.inference.metrics import predictive_moments
 from bayeszoo.inference.plots import regression_band
 from bayeszoo.inference.predictive import predictive, score
 from bayeszoo.inference.supervised import GAP_INTERVALS, gap_function, grid, load_supervised
+from bayeszoo.inference.training import train
 from bayeszoo.models.bnn import BayesianNeuralNetwork
 from bayeszoo.models.nn import mlp
 
@@ -368,7 +368,7 @@ plt.show()
 # Hernández-Lobato & Adams (2015) fixed the protocol most BNN papers report: 20 random 90/10
 # train/test splits of the 506 Boston tracts, one hidden layer of 50 units, 40 epochs, inputs and
 # targets standardized with the training statistics, and the test RMSE and Gaussian NLL in the
-# original units ($1000s), as mean ± standard error over splits. `load_supervised("boston",
+# original units (thousands of dollars), as mean ± standard error over splits. `load_supervised("boston",
 # split=i, valid_fraction=0)` gives split $i$ with the paper's 455 / 51 sizes, and `score`
 # converts back to the original units.
 

@@ -48,9 +48,9 @@ from pyro import poutine
 
 pyro.settings.set(module_local_params=True)  # PyroModules keep their parameters, as torch optimizers expect
 from bayeszoo.inference import diagnostics, metrics, plots
-from bayeszoo.inference.bnn import train
 from bayeszoo.inference.predictive import predictive
 from bayeszoo.inference.supervised import load_supervised, rotate_images
+from bayeszoo.inference.training import train
 from bayeszoo.models.bnn import BayesianNeuralNetwork
 from bayeszoo.models.nn import mlp
 
@@ -205,7 +205,7 @@ print(f"s = 1, -log p(y, w | x): {before[0]:.1f} -> {after[0]:.1f} after {POLISH
 #
 # ## 3. Eight approximate posteriors, one call each
 #
-# `inference.bnn.train(model, method, ...)` fits the model with any of the library's methods and
+# `bayeszoo.inference.training.train(model, guide, ...)` fits the model with any of the library's methods and
 # returns a guide, so that one `predictive(model, guide, x, S)` call draws S weight samples and
 # returns the class probabilities under each, shape (S, N, C):
 #

@@ -46,11 +46,11 @@ pyro.settings.set(module_local_params=True)  # PyroModules keep their parameters
 from bayeszoo.guides.map import MAPGuide
 from bayeszoo.guides.tradi import TradiGuide
 from bayeszoo.inference import metrics, plots
-from bayeszoo.inference.bnn import train
 from bayeszoo.inference.predictive import predictive
 from bayeszoo.inference.supervised import add_noise, gap_function, grid, load_supervised, rotate_images
 from bayeszoo.inference.svi import fit
 from bayeszoo.inference.tradi import ParticleTracker, WeightTracker
+from bayeszoo.inference.training import train
 from bayeszoo.models.bnn import BayesianNeuralNetwork
 from bayeszoo.models.nn import mlp
 
