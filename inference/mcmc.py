@@ -10,6 +10,7 @@ noise a prior or a known value when running NUTS.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import pyro
@@ -52,7 +53,11 @@ def run_nuts(model, train: dict, num_samples: int = 500, warmup: int = 500, num_
                       max_plate_nesting=1)
         mcmc = MCMC(kernel, num_samples=num_samples, warmup_steps=warmup, num_chains=1,
                     disable_progbar=not progress)
-        mcmc.run(**train)
+        with warnings.catch_warnings():
+            # torch 2.14 deprecates torch.jit, which Pyro's compiled potential uses: the user asked for
+            # a faster sampler, not for notes on torch's internals.
+            warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit")
+            mcmc.run(**train)
         chains.append(mcmc.get_samples())
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
