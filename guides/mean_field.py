@@ -49,6 +49,15 @@ class DiagonalNormal(dist.Independent):
     """
 
     _draw: tuple[torch.Tensor, torch.Tensor] | None = None  # (w, eps) of the last rsample()
+    _sum_log_scale: torch.Tensor | None = None
+
+    def sum_log_scale(self) -> torch.Tensor:
+        """sum log sigma over the event, computed once: the density at the draw and the closed-form
+        KL (``models.bnn``) both need it, and on a 400 x 784 weight it is two passes (0.4 ms)."""
+        if self._sum_log_scale is None:
+            events = tuple(range(-self.reinterpreted_batch_ndims, 0))
+            self._sum_log_scale = self.base_dist.scale.log().sum(events)
+        return self._sum_log_scale
 
     def rsample(self, sample_shape=()):
         if sample_shape:
@@ -62,9 +71,8 @@ class DiagonalNormal(dist.Independent):
     def log_prob(self, value):
         if self._draw is None or value is not self._draw[0]:
             return super().log_prob(value)
-        eps, events = self._draw[1], self.reinterpreted_batch_ndims
-        log_sigma = self.base_dist.scale.log().sum(tuple(range(-events, 0)))
-        return (-0.5 * sum_of_squares(eps, events) - log_sigma
+        eps = self._draw[1]
+        return (-0.5 * sum_of_squares(eps, self.reinterpreted_batch_ndims) - self.sum_log_scale()
                 - 0.5 * self.event_shape.numel() * math.log(2 * math.pi))
 
 

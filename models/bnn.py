@@ -270,7 +270,8 @@ def _kl_diagonal_normal_isotropic_normal(q, p):
     dims = tuple(range(-event_dims, 0))
     count = p.event_shape.numel()
     squares = sum_of_squares(base.loc, event_dims) + sum_of_squares(base.scale, event_dims)
-    log_sigma = base.scale.log().sum(dims)
+    # A mean-field guide's DiagonalNormal has already summed log sigma for its own density.
+    log_sigma = q.sum_log_scale() if hasattr(q, "sum_log_scale") else base.scale.log().sum(dims)
     if p.fixed_scale is None:
         return count * p.scale.log() - log_sigma + 0.5 * squares / p.scale**2 - 0.5 * count
     s = p.fixed_scale
