@@ -47,13 +47,9 @@ from bayeszoo.guides.mean_field import DiagonalNormal
 from bayeszoo.guides.weights import PointMass
 from bayeszoo.inference.supervised import load_supervised
 from bayeszoo.inference.svi import fit
+from bayeszoo.inference.training import train
 from bayeszoo.models.bnn import BayesianNeuralNetwork, IsotropicNormal
 from bayeszoo.models.nn import mlp
-
-try:
-    from bayeszoo.inference.training import train
-except ImportError:  # a tree from before the registry seam, to time the old code the same way
-    from bayeszoo.inference.bnn import train
 
 NETS = {  # dataset, load_supervised options, hidden sizes, batch size, Adam lr (as benchmarks/bnn.py)
     "digits": ("digits", {}, (100, 100), 100, 3e-3),
