@@ -343,6 +343,16 @@ def _factored_precision_and_gradient(jac_t, curvature, residual, prior_precision
     return precision, product[..., k] + prior_gradient
 
 
+def _newton_system(weight, factor, curvature, residual, prior_precision, prior_gradient):
+    """Lambda and g as ``_factored_precision_and_gradient`` computes them, outside autograd and
+    with one (M, k, D) buffer: g = A^T (W^T r) + g_0 needs no J, and J^T is scaled by sqrt(h) in
+    place, Lambda = (J^T H^1/2)(J^T H^1/2)^T + diag(S_0^-1) (h >= 0: p (1 - p), 1 / sigma^2 or 0)."""
+    gradient = (factor @ (residual @ weight).unsqueeze(-1)).squeeze(-1) + prior_gradient
+    scaled = _factored_jacobian_t(weight, factor).mul_(curvature.sqrt().unsqueeze(-2))
+    precision = scaled @ scaled.transpose(-1, -2) + torch.diag_embed(prior_precision)
+    return precision, gradient
+
+
 class FactoredNewtonStep(torch.autograd.Function):
     """The Newton step s = Lambda^-1 g with J = W A (module docstring), and its exact gradient
     without J.
@@ -363,8 +373,8 @@ class FactoredNewtonStep(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight, factor, curvature, residual, prior_precision, prior_gradient, jitter):
-        precision, gradient = _factored_precision_and_gradient(
-            _factored_jacobian_t(weight, factor), curvature, residual, prior_precision, prior_gradient)
+        precision, gradient = _newton_system(weight, factor, curvature, residual, prior_precision,
+                                             prior_gradient)
         tril = cholesky_with_jitter(precision, jitter)
         step = torch.cholesky_solve(gradient.unsqueeze(-1), tril).squeeze(-1)
         ctx.save_for_backward(weight, factor, curvature, residual, tril, step)
@@ -409,11 +419,11 @@ class FactoredPrecision(torch.autograd.Function):
     def backward(ctx, grad_precision):
         weight, factor, curvature, jac_t = ctx.saved_tensors
         s_jac_t = (grad_precision + grad_precision.transpose(-1, -2)) @ jac_t  # (M, k, D)
-        grad_jac_t = (s_jac_t * curvature.unsqueeze(-2)).reshape(-1, weight.shape[0])
         needs = ctx.needs_input_grad
+        grad_curvature = 0.5 * (s_jac_t * jac_t).sum(-2) if needs[2] else None
+        grad_jac_t = s_jac_t.mul_(curvature.unsqueeze(-2)).reshape(-1, weight.shape[0])  # s_jac_t is ours
         grad_weight = grad_jac_t.T @ factor.reshape(-1, factor.shape[-1]) if needs[0] else None
         grad_factor = (grad_jac_t @ weight).view(factor.shape) if needs[1] else None
-        grad_curvature = 0.5 * (s_jac_t * jac_t).sum(-2) if needs[2] else None
         grad_prior = grad_precision.diagonal(dim1=-2, dim2=-1) if needs[3] else None
         return grad_weight, grad_factor, grad_curvature, grad_prior
 
