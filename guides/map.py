@@ -3,6 +3,10 @@
 With a delta guide the ELBO is log p(y | x, w*) + log p(w*): the negative of the usual
 regularised training loss (a Gaussian prior is weight decay). This is the plain neural network
 in Pyro's language; Laplace, SGLD and TRADI start from it.
+
+Not Pyro's ``AutoDelta``: that guide creates its parameters lazily on a first trace and keys them
+by site in the param store, while SGLD, Laplace and TRADI need the unconstrained weights as named
+``nn.Parameter``s up front (``named_weights``) and starting at PyTorch's initialisation of the net.
 """
 
 from __future__ import annotations

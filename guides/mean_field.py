@@ -11,6 +11,10 @@ the prior and never leave it (the "variance collapse" of Blundell et al. and Osa
 
 Local reparameterization and Flipout (``guides/reparameterization.py``) work with this guide as
 effect handlers: they read its loc and scale.
+
+Not Pyro's ``AutoNormal``, which is the same family: the effect handlers need each layer's loc and
+scale by site while the model runs (``posterior(name)``), and the means must start at the network's
+own initialisation, which this guide reads off the model when it is built.
 """
 
 from __future__ import annotations
