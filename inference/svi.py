@@ -10,10 +10,17 @@ the loss turns NaN or infinite (the last good checkpoint is kept).
 
 All numbers it reports are per data point: ``elbo`` is the ELBO of one
 observation averaged over the set, in nats.
+
+``fit(devices=N)`` (and ``num_nodes``) runs the same loop on N processes, each on a slice of
+every global batch, with the gradients all-reduced through Lightning Fabric; the steps follow the
+one-process gradient of the global batch (``inference/distributed.py``). One process, the
+default, never starts Fabric.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
 import os
 import time
@@ -30,6 +37,15 @@ from pyro.poutine.messenger import Messenger
 from tqdm import tqdm
 
 from bayeszoo.inference.data import check_batch
+from bayeszoo.inference.distributed import (
+    check_devices,
+    check_picklable,
+    launch,
+    replicate,
+    slice_bounds,
+    stream_seed,
+    sum_over_ranks,
+)
 
 CHECKPOINT = "checkpoint.pt"
 FINAL_WEIGHTS = "weights.pt"
@@ -47,7 +63,7 @@ class NonFiniteLossError(RuntimeError):
     def __init__(self, step: int, epoch: int, value: float, checkpoint: Path | None):
         kept = f"; the last good checkpoint is {checkpoint}" if checkpoint else ""
         super().__init__(f"loss became {value} at step {step} (epoch {epoch + 1}){kept}")
-        self.step, self.epoch = step, epoch
+        self.step, self.epoch, self.value, self.checkpoint = step, epoch, value, checkpoint
 
 
 class scale_latents(Messenger):
@@ -223,7 +239,8 @@ def fit(model, guide, train: dict, valid: dict | None = None, *,
         run_dir: str | os.PathLike | None = None, resume: bool = False,
         batch_transform: Callable[[dict, torch.Generator], dict] | None = None,
         checkpoint_extras: Mapping[str, Stateful] | None = None,
-        x_dim: int | None = None, progress: bool = True) -> FitResult:
+        x_dim: int | None = None, progress: bool = True,
+        devices: int = 1, accelerator: str = "cpu", num_nodes: int = 1, strategy: str = "ddp") -> FitResult:
     """Fit a model/guide pair by stochastic variational inference.
 
     Args:
@@ -251,62 +268,129 @@ def fit(model, guide, train: dict, valid: dict | None = None, *,
             recorder, a weight tracker), by name: their ``state_dict()`` goes into every
             checkpoint and ``load_state_dict`` restores it on resume, so they resume too.
         x_dim: expected size of the last dimension of ``x``, checked before training.
+        devices, num_nodes: train data-parallel on devices x num_nodes processes (Lightning
+            Fabric, ``inference/distributed.py``): ``batch_size`` is then the global batch, shared
+            out among the processes, and the steps follow the one-process gradient of that batch.
+            With one process (the default) training runs here, on ``device``, without Fabric.
+        accelerator: "cpu", or "gpu" (= "cuda": one GPU a process, ``device`` unused) for several
+            processes.
+        strategy: "ddp" (processes spawned: model, guide and callables must pickle) or "ddp_fork".
     """
     _check_inputs(train, valid, x_dim, epochs, batch_size, clip_norm)
-    run_dir = Path(run_dir) if run_dir is not None else None
-    checkpoint_path = run_dir / CHECKPOINT if run_dir is not None else None
-    if resume and (checkpoint_path is None or not checkpoint_path.exists()):
-        raise FileNotFoundError(f"cannot resume: no checkpoint at {checkpoint_path}")
-    if run_dir is not None:
-        run_dir.mkdir(parents=True, exist_ok=True)
+    world = check_devices(devices, num_nodes, accelerator, strategy, device)
+    job = _Job(model, guide, train, valid, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
+               lr_decay=lr_decay, num_particles=num_particles, elbo=elbo, kl_anneal_epochs=kl_anneal_epochs,
+               kl_anneal_start=kl_anneal_start, patience=patience, clip_norm=clip_norm, seed=seed,
+               run_dir=Path(run_dir) if run_dir is not None else None, resume=resume,
+               batch_transform=batch_transform, checkpoint_extras=checkpoint_extras or {}, progress=progress)
+    if world > 1:
+        check_picklable(strategy, {"model": model, "guide": guide, "optimizer": optimizer, "elbo": elbo,
+                                   "batch_transform": batch_transform,
+                                   "checkpoint_extras": checkpoint_extras})
+    if resume and (job.checkpoint_path is None or not job.checkpoint_path.exists()):
+        raise FileNotFoundError(f"cannot resume: no checkpoint at {job.checkpoint_path}")
+    if job.run_dir is not None:
+        job.run_dir.mkdir(parents=True, exist_ok=True)
+    if world > 1:
+        return _fit_on_ranks(job, devices=devices, num_nodes=num_nodes, accelerator=accelerator,
+                             strategy=strategy)
+    return _train(job, device)
 
-    set_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
+
+@dataclass
+class _Job:
+    """What ``fit`` was asked to do, as one process, or each rank of several, receives it."""
+
+    model: torch.nn.Module
+    guide: torch.nn.Module
+    train: dict
+    valid: dict | None
+    epochs: int
+    batch_size: int
+    lr: float
+    optimizer: Callable[..., torch.optim.Optimizer]
+    lr_decay: float
+    num_particles: int
+    elbo: type[ELBO]
+    kl_anneal_epochs: int
+    kl_anneal_start: float
+    patience: int | None
+    clip_norm: float | None
+    seed: int
+    run_dir: Path | None
+    resume: bool
+    batch_transform: Callable[[dict, torch.Generator], dict] | None
+    checkpoint_extras: Mapping[str, Stateful]
+    progress: bool
+
+    @property
+    def checkpoint_path(self) -> Path | None:
+        return self.run_dir / CHECKPOINT if self.run_dir is not None else None
+
+
+def _train(job: _Job, device, ranks: _Ranks | None = None) -> FitResult:
+    """The loop over epochs, in this process (``ranks=None``) or on one rank of several, where
+    ``ranks`` trains, validates and decides to stop together with the others, and rank 0 alone
+    writes."""
+    model, guide, extras, checkpoint_path = job.model, job.guide, job.checkpoint_extras, job.checkpoint_path
+    writes = ranks is None or ranks.rank == 0
+    set_seed(job.seed)
+    generator = torch.Generator().manual_seed(job.seed)
     model.to(device), guide.to(device)
     model.train(), guide.train()
-    nesting = _setup_trace(model, guide, train, batch_size, batch_transform, seed, device)
-    objective = _elbo(elbo, num_particles, nesting)
+    nesting = _setup_trace(model, guide, job.train, job.batch_size, job.batch_transform, job.seed, device)
+    objective = _elbo(job.elbo, job.num_particles, nesting)
     params = _parameters(model, guide)
-    opt = optimizer(params, lr=lr)
-    schedule = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=lr_decay)
+    opt = job.optimizer(params, lr=job.lr)
+    schedule = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=job.lr_decay)
     initial = (model.state_dict(), guide.state_dict())
-    progress_so_far = _Progress(FitResult(run_dir=run_dir), best_state=initial)
-    if resume:
-        progress_so_far = _restore(checkpoint_path, device, model, guide, opt, schedule, generator,
-                                   checkpoint_extras or {}, run_dir)
+    progress_so_far = _Progress(FitResult(run_dir=job.run_dir), best_state=initial)
+    if job.resume:
+        progress_so_far = _restore(checkpoint_path, device, model, guide, opt, schedule, generator, extras,
+                                   job.run_dir)
     else:
-        set_seed(seed)  # the setup trace must not shift the random stream
+        set_seed(job.seed)  # the setup trace must not shift the random stream
+    if ranks is not None:
+        ranks.setup(model, guide, opt, objective, nesting)
     result = progress_so_far.result
 
-    num_train = _size(train)
-    for epoch in range(progress_so_far.start_epoch, epochs):
-        beta = kl_weight(epoch, kl_anneal_epochs, kl_anneal_start)
+    num_train = _size(job.train)
+    for epoch in range(progress_so_far.start_epoch, job.epochs):
+        beta = kl_weight(epoch, job.kl_anneal_epochs, job.kl_anneal_start)
         started = time.perf_counter()
-        total = _train_epoch(objective, model, guide, opt, params, train, batch_size, generator,
-                             batch_transform, beta, nesting, clip_norm, device, epoch, epochs,
-                             checkpoint_path, progress)
+        if ranks is None:
+            total = _train_epoch(objective, model, guide, opt, params, job.train, job.batch_size, generator,
+                                 job.batch_transform, beta, nesting, job.clip_norm, device, epoch, job.epochs,
+                                 checkpoint_path, job.progress)
+        else:
+            total = ranks.train_epoch(job, params, generator, beta, epoch)
         schedule.step()
         row = {"epoch": epoch + 1, "train_elbo": -total / num_train, "kl_weight": beta,
                "seconds": time.perf_counter() - started}
-        if valid is not None:
-            row["valid_elbo"] = evaluate_elbo(model, guide, valid, device=device, num_data=num_train,
-                                              num_particles=num_particles, elbo=elbo)
+        if job.valid is not None:
+            score = evaluate_elbo if ranks is None else ranks.evaluate_elbo
+            row["valid_elbo"] = score(model, guide, job.valid, device=device, num_data=num_train,
+                                      num_particles=job.num_particles, elbo=job.elbo)
         progress_so_far.record(row, model, guide)
-        if progress:
+        if job.progress and writes:
             tqdm.write(_describe(row))
-        if checkpoint_path is not None:
+        if checkpoint_path is not None and writes:
             save_atomically(_checkpoint_state(model, guide, opt, schedule, generator, epoch, result,
                                                progress_so_far.bad_epochs, progress_so_far.best_state,
-                                               checkpoint_extras or {}), checkpoint_path)
-        if patience is not None and progress_so_far.bad_epochs >= patience:
+                                               extras), checkpoint_path)
+        stop = job.patience is not None and progress_so_far.bad_epochs >= job.patience
+        if ranks is not None:
+            stop = ranks.agree(stop)
+        if stop:
             result.stopped_early = True
             break
 
-    if patience is not None:
+    if job.patience is not None:
         best_model, best_guide = progress_so_far.best_state
         model.load_state_dict(best_model), guide.load_state_dict(best_guide)
-    if run_dir is not None:
-        save_atomically({"model": model.state_dict(), "guide": guide.state_dict()}, run_dir / FINAL_WEIGHTS)
+    if job.run_dir is not None and writes:
+        save_atomically({"model": model.state_dict(), "guide": guide.state_dict()},
+                        job.run_dir / FINAL_WEIGHTS)
     model.eval(), guide.eval()
     return result
 
@@ -425,3 +509,169 @@ def _describe(row: dict) -> str:
     if "valid_elbo" in row:
         text += f", valid ELBO {row['valid_elbo']:.2f}"
     return text + f" nats/point ({row['seconds']:.1f} s)"
+
+
+# ----------------------------------------------------------------------------------------------
+# Several processes: fit(devices=N) trains one replica a rank (inference/distributed.py has the
+# equations); the loop over epochs is _train's, the steps and the validation are _Ranks'.
+
+
+class zero_local_sites(Messenger):
+    """Scale the log density of every local site (inside one of the model's plates) by 0: a rank
+    with no examples of its own in a batch runs one example that counts for its share of the
+    global sites only. A zero scale rather than a mask keeps every parameter in the graph, which
+    the gradient all-reduce needs."""
+
+    def __init__(self, plate_nesting: int):
+        super().__init__()
+        self.plate_nesting = plate_nesting
+
+    def _process_message(self, msg):
+        if msg["type"] == "sample" and any(
+                frame.vectorized and frame.dim >= -self.plate_nesting for frame in msg["cond_indep_stack"]):
+            msg["scale"] = 0.0 * msg["scale"]
+
+
+def _fit_on_ranks(job: _Job, **processes) -> FitResult:
+    """Train on devices x num_nodes processes; model, guide and extras here load rank 0's final
+    state, and this process's random stream continues from rank 0's."""
+    outcome = launch(_rank_main, (job,), find_unused_parameters=_some_parameter_unused(job), **processes)
+    job.model.load_state_dict(outcome["model"]), job.guide.load_state_dict(outcome["guide"])
+    for name, extra in job.checkpoint_extras.items():
+        extra.load_state_dict(outcome["extras"][name])
+    torch.set_rng_state(outcome["torch_rng"])
+    if outcome["error"] is not None:
+        error = outcome["error"]
+        kept = Path(error["checkpoint"]) if error["checkpoint"] else None
+        raise NonFiniteLossError(error["step"], error["epoch"], error["value"], kept)
+    job.model.eval(), job.guide.eval()
+    return FitResult(history=outcome["history"], best_epoch=outcome["best_epoch"],
+                     stopped_early=outcome["stopped_early"], run_dir=job.run_dir)
+
+
+def _some_parameter_unused(job: _Job) -> bool:
+    """The setup trace and one loss here, before any process starts: errors in model or guide show
+    as with one process, lazily made parameters exist before the job is sent, and a parameter
+    the loss leaves without gradient tells DistributedDataParallel to look for such at every step."""
+    set_seed(job.seed)
+    device = next(iter(_parameters(job.model, job.guide)), torch.empty(0)).device
+    nesting = _setup_trace(job.model, job.guide, job.train, job.batch_size, job.batch_transform, job.seed,
+                           device)
+    first = _first(job.train, job.batch_size)
+    if job.batch_transform is not None:
+        first = job.batch_transform(first, torch.Generator().manual_seed(job.seed))
+    params = _parameters(job.model, job.guide)
+    loss = _elbo(job.elbo, job.num_particles, nesting).differentiable_loss(job.model, job.guide,
+                                                                          **_to(first, device))
+    return any(grad is None for grad in torch.autograd.grad(loss, params, allow_unused=True))
+
+
+def _rank_main(fabric, job: _Job) -> dict:
+    """One rank's run, in a process ``distributed.launch`` started; the outcome of a node's first
+    rank is what the node's calling process receives (tensors, numbers and strings only): the
+    weights and the history are the same on every rank."""
+    _private_copies(job)
+    result, error = None, None
+    try:
+        result = _train(job, fabric.device, _Ranks(fabric))
+    except NonFiniteLossError as stopped:
+        error = {"step": stopped.step, "epoch": stopped.epoch, "value": stopped.value,
+                 "checkpoint": str(stopped.checkpoint) if stopped.checkpoint else None}
+    return {"model": _cpu(job.model.state_dict()), "guide": _cpu(job.guide.state_dict()),
+            "extras": {name: extra.state_dict() for name, extra in job.checkpoint_extras.items()},
+            "torch_rng": torch.get_rng_state(), "error": error,
+            "history": result.history if result else [], "best_epoch": result.best_epoch if result else -1,
+            "stopped_early": result.stopped_early if result else False}
+
+
+def _private_copies(job: _Job) -> None:
+    """Give the rank its own model, guide, extras, optimizer factory and batch_transform. Spawned
+    processes receive every tensor in shared memory: without copies the ranks would update one
+    set of weights (or one recorder) in turn. One ``deepcopy`` of the five keeps a factory that
+    feeds an extra (a sampler's recorder) tied to it. The data stay shared: they are only read."""
+    job.model, job.guide, job.optimizer, job.checkpoint_extras, job.batch_transform = copy.deepcopy(
+        (job.model, job.guide, job.optimizer, job.checkpoint_extras, job.batch_transform))
+
+
+def _cpu(state: dict) -> dict:
+    return {k: v.cpu() for k, v in _clone(state).items()}
+
+
+def _rank_loss(model, guide, objective: ELBO, batch: dict, beta: float, share: float, plate_nesting: int,
+               has_examples: bool) -> torch.Tensor:
+    """v_r: the rank's slice of the global batch with the global sites' share B / (N N_train)."""
+    local = contextlib.nullcontext() if has_examples else zero_local_sites(plate_nesting)
+    with local:
+        return _step_loss(objective, model, guide, batch, beta, share, plate_nesting)
+
+
+class _Ranks:
+    """One rank's part of the loop: its slice of every global batch, its own random stream each
+    epoch, losses and validation sums added over the ranks, rank 0's decision to stop."""
+
+    def __init__(self, fabric):
+        self.fabric, self.rank, self.world = fabric, fabric.global_rank, fabric.world_size
+        self.device = fabric.device
+
+    def setup(self, model, guide, optimizer, objective: ELBO, plate_nesting: int) -> None:
+        self.replicas, self.optimizer = replicate(self.fabric, model, guide, optimizer)
+        self.objective, self.plate_nesting = objective, plate_nesting
+
+    def train_epoch(self, job: _Job, params, generator: torch.Generator, beta: float, epoch: int) -> float:
+        """One pass over the shuffled training set; returns the loss summed over the ranks (one
+        process's total). Every rank draws its own noise, from a stream seeded by (seed, epoch,
+        rank): the N draws of a BNN's weights in a step are independent, and a resumed run needs
+        no per-rank random state from the checkpoint."""
+        pyro.set_rng_seed(stream_seed(job.seed, epoch, self.rank))
+        num_train = _size(job.train)
+        steps_per_epoch = math.ceil(num_train / job.batch_size)
+        order = torch.randperm(num_train, generator=generator)
+        shows, total = job.progress and self.rank == 0, 0.0
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{job.epochs}", disable=not shows,
+                   leave=False)
+        with pyro.validation_enabled(False):
+            for step_in_epoch in bar:
+                index = order[step_in_epoch * job.batch_size:(step_in_epoch + 1) * job.batch_size]
+                batch, has_examples = self._slice(job, index, generator)
+                value = self.replicas(_rank_loss, self.objective, _to(batch, self.device), beta,
+                                      len(index) / (num_train * self.world), self.plate_nesting, has_examples)
+                summed = sum_over_ranks(value).item()  # a NaN on any rank stops every rank here
+                if not math.isfinite(summed):
+                    checkpoint = job.checkpoint_path
+                    kept = checkpoint if checkpoint and checkpoint.exists() else None
+                    raise NonFiniteLossError(epoch * steps_per_epoch + step_in_epoch + 1, epoch, summed, kept)
+                self.optimizer.zero_grad()
+                self.fabric.backward(self.world * value)  # DDP averages: N v_r, mean over r = sum
+                if job.clip_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(params, job.clip_norm)
+                self.optimizer.step()
+                total += summed
+                if shows:
+                    bar.set_postfix(loss=f"{summed / len(index):.2f}")
+        return total
+
+    def _slice(self, job: _Job, index: torch.Tensor, generator: torch.Generator) -> tuple[dict, bool]:
+        """The rank's contiguous slice of the global batch ``train[index]`` and whether it has
+        examples (if not, the batch's first example, weighed by 0). A ``batch_transform`` sees the
+        whole global batch on every rank: it advances the data generator as one process does."""
+        start, stop = slice_bounds(len(index), self.rank, self.world)
+        has_examples = stop > start
+        if not has_examples:
+            start, stop = 0, 1
+        if job.batch_transform is None:
+            return {k: v[index[start:stop]] for k, v in job.train.items()}, has_examples
+        batch = job.batch_transform({k: v[index] for k, v in job.train.items()}, generator)
+        return {k: v[start:stop] for k, v in batch.items()}, has_examples
+
+    def evaluate_elbo(self, model, guide, data: dict, **options) -> float:
+        """The validation ELBO per point: every rank scores its contiguous slice, the sums are added."""
+        size = _size(data)
+        start, stop = slice_bounds(size, self.rank, self.world)
+        total = 0.0
+        if stop > start:
+            total = (stop - start) * evaluate_elbo(model, guide, {k: v[start:stop] for k, v in data.items()},
+                                                   **options)
+        return sum_over_ranks(torch.tensor(total, dtype=torch.float64, device=self.device)).item() / size
+
+    def agree(self, stop: bool) -> bool:
+        return self.fabric.broadcast(stop, src=0)

@@ -1,0 +1,203 @@
+"""Data parallelism for ``svi.fit``: processes, replicas and slices through Lightning Fabric.
+
+``svi.fit(..., devices=N)`` (with ``num_nodes``) trains one replica of model and guide per
+process, rank r of N. Every epoch all ranks draw the same seeded permutation of the training
+set; rank r takes its slice S_r of every global minibatch b of B examples (``slice_bounds``). With
+the one-process loss of b written as
+
+    L_b = sum_{i in b} l_i + (B / N_train) g,
+
+l_i the negative ELBO terms of example i (its likelihood and local latents) and g those of the
+global sites (-log p(w) + log q(w) for a Bayesian neural network's weights), rank r computes
+
+    v_r = sum_{i in S_r} l_i + (B / (N N_train)) g_r
+
+and backpropagates N v_r. DistributedDataParallel averages gradients over the ranks, so the step
+follows
+
+    (1/N) sum_r grad(N v_r) = sum_{i in b} grad l_i + (B / N_train) (1/N) sum_r grad g_r,
+
+the gradient of L_b: exactly where the ranks' random draws agree with one process's, and in
+expectation otherwise. The v_r sum to L_b, which the history reports. A rank whose slice is
+empty (a last batch smaller than N) runs one example with its local terms scaled by 0: it adds
+its share of g and takes part in the gradient all-reduce.
+
+This module knows processes and tensors, not ELBOs: ``check_devices`` (settings that cannot run
+fail before anything starts), ``launch`` (run a function on every rank, return rank 0's
+outcome), ``replicate`` (model and guide under DistributedDataParallel), and the slices, seeds
+and sums the loop in ``svi`` uses.
+
+Processes start by spawning (``strategy="ddp"``): what they receive must pickle. ``"ddp_fork"``
+forks instead (nothing is pickled, no imports are repeated; CPU, or a GPU machine where CUDA is
+not yet initialised in the calling process). Fabric is imported only here and only when more
+than one process trains.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import pickle
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import pyro
+import torch
+from pyro import poutine
+from torch import nn
+
+STRATEGIES = {"ddp": "spawn", "ddp_spawn": "spawn", "ddp_fork": "fork"}
+ACCELERATORS = ("cpu", "gpu", "cuda")
+
+
+def check_devices(devices: int, num_nodes: int, accelerator: str, strategy: str, device) -> int:
+    """The number of processes (devices x nodes); a ``ValueError`` for settings that cannot run."""
+    if not (isinstance(devices, int) and devices >= 1 and isinstance(num_nodes, int) and num_nodes >= 1):
+        raise ValueError(f"devices and num_nodes must be positive integers, got {devices!r} and "
+                         f"{num_nodes!r}")
+    if accelerator not in ACCELERATORS:
+        raise ValueError(f"unknown accelerator {accelerator!r}; choose from {', '.join(ACCELERATORS)}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
+    if accelerator != "cpu" and torch.cuda.device_count() < devices:
+        raise ValueError(f"accelerator={accelerator!r} with devices={devices} needs {devices} CUDA GPU(s) "
+                         f"on this machine, found {torch.cuda.device_count()}")
+    missing = [key for key in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK") if key not in os.environ]
+    if num_nodes > 1 and missing:
+        raise ValueError(f"num_nodes={num_nodes}: every node runs the same command with MASTER_ADDR "
+                         f"(node 0's address), MASTER_PORT and NODE_RANK set; {', '.join(missing)} not set")
+    world = devices * num_nodes
+    if world == 1 and accelerator != "cpu" and torch.device(device).type != "cuda":
+        raise ValueError(f"one process trains on device={str(device)!r}; for accelerator={accelerator!r} "
+                         "pass device='cuda'")
+    return world
+
+
+def check_picklable(strategy: str, objects: Mapping[str, object]) -> None:
+    """Spawned processes receive their arguments pickled; name the one that cannot be, before
+    any process starts."""
+    if STRATEGIES[strategy] != "spawn":
+        return
+    for name, value in objects.items():
+        try:
+            pickle.dumps(value)
+        except Exception as error:
+            raise ValueError(f"strategy={strategy!r} starts processes by spawning and must pickle {name}, "
+                             f"which fails ({error}); define it at module level, or use strategy='ddp_fork'"
+                             ) from None
+
+
+@dataclass
+class _Settings:
+    """Global switches a spawned process would otherwise start without: Pyro's module-local
+    parameters and validation flags, torch's default dtype."""
+
+    module_local_params: bool
+    validation: tuple[bool, bool, bool]
+    default_dtype: torch.dtype
+
+    @classmethod
+    def capture(cls) -> _Settings:
+        return cls(pyro.settings.get("module_local_params"),
+                   (pyro.infer.is_validation_enabled(), pyro.distributions.is_validation_enabled(),
+                    poutine.is_validation_enabled()),
+                   torch.get_default_dtype())
+
+    def apply(self) -> None:
+        pyro.settings.set(module_local_params=self.module_local_params)
+        pyro.infer.enable_validation(self.validation[0])
+        pyro.distributions.enable_validation(self.validation[1])
+        poutine.enable_validation(self.validation[2])
+        torch.set_default_dtype(self.default_dtype)
+
+
+def launch(function: Callable, args: tuple, *, devices: int, num_nodes: int, accelerator: str, strategy: str,
+           find_unused_parameters: bool = False) -> dict:
+    """Run ``function(fabric, *args)`` on every rank; return what this node's first rank returned
+    (a dict of tensors, numbers, strings and lists), loaded on the CPU: rank 0's on node 0.
+
+    ``find_unused_parameters``: some parameter gets no gradient from the loss, which
+    DistributedDataParallel must then look for at every step.
+    """
+    from lightning.fabric import Fabric
+    from lightning.fabric.strategies import DDPStrategy
+
+    fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes,
+                    strategy=DDPStrategy(start_method=STRATEGIES[strategy],
+                                         find_unused_parameters=find_unused_parameters))
+    with _local_main_address(num_nodes):
+        outcome = fabric.launch(_run_rank, function, args, _Settings.capture())
+    return torch.load(io.BytesIO(outcome), map_location="cpu", weights_only=True)
+
+
+def _run_rank(fabric, function: Callable, args: tuple, settings: _Settings) -> bytes:
+    """A rank's entry: the caller's settings, the function, and for each node's first rank its
+    outcome as a tensors-only ``torch.save`` (the only thing that travels back to the node's
+    calling process)."""
+    settings.apply()
+    outcome = function(fabric, *args)
+    if fabric.local_rank != 0:
+        return b""
+    buffer = io.BytesIO()
+    torch.save(outcome, buffer)
+    return buffer.getvalue()
+
+
+@contextlib.contextmanager
+def _local_main_address(num_nodes: int):
+    """One machine rendezvouses on 127.0.0.1 whatever MASTER_ADDR says; the free port Fabric picks
+    (MASTER_PORT) is forgotten afterwards, so the next run picks a fresh one."""
+    saved = {key: os.environ.get(key) for key in ("MASTER_ADDR", "MASTER_PORT")}
+    if num_nodes == 1:
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+class Replicas(nn.Module):
+    """Model and guide as one module, so DistributedDataParallel, wrapping it, all-reduces the
+    gradients of both. A loss computed through ``forward`` (``replicas(loss, *args)`` calls
+    ``loss(model, guide, *args)``) arms the all-reduce of the next backward pass."""
+
+    def __init__(self, model: nn.Module, guide: nn.Module):
+        super().__init__()
+        self.model, self.guide = model, guide
+
+    def forward(self, loss: Callable[..., torch.Tensor], *args) -> torch.Tensor:
+        return loss(self.model, self.guide, *args)
+
+
+def replicate(fabric, model: nn.Module, guide: nn.Module, optimizer: torch.optim.Optimizer):
+    """(DistributedDataParallel over ``Replicas(model, guide)``, the optimizer as Fabric wraps it).
+    DistributedDataParallel starts every rank from rank 0's weights."""
+    return fabric.setup(Replicas(model, guide), optimizer)
+
+
+def stream_seed(seed: int, epoch: int, rank: int) -> int:
+    """The seed of rank ``rank``'s random stream in ``epoch``: independent streams (NumPy's
+    SeedSequence hashes the triple), none a shifted copy of another."""
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+
+
+def sum_over_ranks(value: torch.Tensor) -> torch.Tensor:
+    """All-reduce (sum) of a few numbers. Fabric's ``all_reduce`` adds a barrier, one round trip
+    more, which a per-step loss does without."""
+    value = value.detach().clone()
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.SUM)
+    return value
+
+
+def slice_bounds(size: int, rank: int, world: int) -> tuple[int, int]:
+    """[start, stop) of rank's contiguous slice of ``size`` items; the first size % world slices
+    have one item more (as ``torch.tensor_split`` cuts)."""
+    base, extra = divmod(size, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (rank < extra)
