@@ -113,31 +113,43 @@ class _Settings:
         torch.set_default_dtype(self.default_dtype)
 
 
-def launch(function: Callable, args: tuple, *, devices: int, num_nodes: int, accelerator: str, strategy: str,
-           find_unused_parameters: bool = False) -> dict:
-    """Run ``function(fabric, *args)`` on every rank; return what this node's first rank returned
-    (a dict of tensors, numbers, strings and lists), loaded on the CPU: rank 0's on node 0.
+def launch(function: Callable, private: tuple, shared: tuple, *, devices: int, num_nodes: int,
+           accelerator: str, strategy: str, find_unused_parameters: bool = False) -> dict:
+    """Run ``function(fabric, *private, *shared)`` on every rank; return what this node's first
+    rank returned (a dict of tensors, numbers, strings and lists), loaded on the CPU: rank 0's on
+    node 0.
 
-    ``find_unused_parameters``: some parameter gets no gradient from the loss, which
+    ``private``: what every rank gets a copy of its own (model, guide, optimizer factory...).
+    Spawned processes would receive its tensors in shared memory and update one set of weights in
+    turn, so it travels as one ``pickle.dumps`` (which also keeps the objects that refer to each
+    other, a factory and the recorder it feeds, tied together). ``shared``: what the ranks only
+    read (the data), passed as is: in shared memory when spawned. Forked processes copy both
+    on write. ``find_unused_parameters``: some parameter gets no gradient from the loss, which
     DistributedDataParallel must then look for at every step.
     """
     from lightning.fabric import Fabric
     from lightning.fabric.strategies import DDPStrategy
 
+    start_method = STRATEGIES[strategy]
+    if start_method == "spawn":
+        private = pickle.dumps(private)
     fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes,
-                    strategy=DDPStrategy(start_method=STRATEGIES[strategy],
+                    strategy=DDPStrategy(start_method=start_method,
                                          find_unused_parameters=find_unused_parameters))
     with _local_main_address(num_nodes):
-        outcome = fabric.launch(_run_rank, function, args, _Settings.capture())
+        outcome = fabric.launch(_run_rank, function, private, shared, _Settings.capture())
     return torch.load(io.BytesIO(outcome), map_location="cpu", weights_only=True)
 
 
-def _run_rank(fabric, function: Callable, args: tuple, settings: _Settings) -> bytes:
-    """A rank's entry: the caller's settings, the function, and for each node's first rank its
-    outcome as a tensors-only ``torch.save`` (the only thing that travels back to the node's
-    calling process)."""
+def _run_rank(fabric, function: Callable, private: tuple | bytes, shared: tuple,
+              settings: _Settings) -> bytes:
+    """A rank's entry: the caller's settings, its own copy of ``private``, the function, and for
+    each node's first rank its outcome as a tensors-only ``torch.save`` (the only thing that
+    travels back to the node's calling process)."""
     settings.apply()
-    outcome = function(fabric, *args)
+    if isinstance(private, bytes):
+        private = pickle.loads(private)
+    outcome = function(fabric, *private, *shared)
     if fabric.local_rank != 0:
         return b""
     buffer = io.BytesIO()
@@ -181,10 +193,33 @@ def replicate(fabric, model: nn.Module, guide: nn.Module, optimizer: torch.optim
     return fabric.setup(Replicas(model, guide), optimizer)
 
 
-def stream_seed(seed: int, epoch: int, rank: int) -> int:
-    """The seed of rank ``rank``'s random stream in ``epoch``: independent streams (NumPy's
-    SeedSequence hashes the triple), none a shifted copy of another."""
-    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+def rank_seed(seed: int, epoch: int, rank: int) -> int:
+    """The seed of rank ``rank``'s own random stream in ``epoch``."""
+    return _seed(0, seed, epoch, rank)
+
+
+def shared_seed(seed: int, step: int) -> int:
+    """The seed of step ``step``'s random numbers that every rank must draw alike."""
+    return _seed(1, seed, step, 0)
+
+
+def _seed(purpose: int, *keys: int) -> int:
+    """Independent streams: NumPy's SeedSequence hashes the keys (none is a shifted copy of another)."""
+    return int(np.random.SeedSequence([purpose, *keys]).generate_state(1)[0])
+
+
+@contextlib.contextmanager
+def same_on_every_rank(device: torch.device, seed: int):
+    """Inside, torch's random numbers (on the CPU and on ``device``) come from a stream seeded by
+    ``seed``, so every rank draws the same; outside, each rank's own stream goes on untouched.
+    For an optimizer that draws noise (SGLD, SGHMC): a different draw on each rank would pull
+    the replicas apart, DistributedDataParallel only averages gradients."""
+    cuda = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.default_generator.manual_seed(seed)
+        if cuda:
+            torch.cuda.default_generators[device.index].manual_seed(seed)
+        yield
 
 
 def sum_over_ranks(value: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,6 @@ default, never starts Fabric.
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import os
 import time
@@ -41,9 +40,11 @@ from bayeszoo.inference.distributed import (
     check_devices,
     check_picklable,
     launch,
+    rank_seed,
     replicate,
+    same_on_every_rank,
+    shared_seed,
     slice_bounds,
-    stream_seed,
     sum_over_ranks,
 )
 
@@ -535,7 +536,13 @@ class zero_local_sites(Messenger):
 def _fit_on_ranks(job: _Job, **processes) -> FitResult:
     """Train on devices x num_nodes processes; model, guide and extras here load rank 0's final
     state, and this process's random stream continues from rank 0's."""
-    outcome = launch(_rank_main, (job,), find_unused_parameters=_some_parameter_unused(job), **processes)
+    unused = _some_parameter_unused(job)
+    data = (job.train, job.valid)
+    job.train = job.valid = None  # they travel apart, shared
+    try:
+        outcome = launch(_rank_main, (job,), data, find_unused_parameters=unused, **processes)
+    finally:
+        job.train, job.valid = data
     job.model.load_state_dict(outcome["model"]), job.guide.load_state_dict(outcome["guide"])
     for name, extra in job.checkpoint_extras.items():
         extra.load_state_dict(outcome["extras"][name])
@@ -566,11 +573,11 @@ def _some_parameter_unused(job: _Job) -> bool:
     return any(grad is None for grad in torch.autograd.grad(loss, params, allow_unused=True))
 
 
-def _rank_main(fabric, job: _Job) -> dict:
+def _rank_main(fabric, job: _Job, train: dict, valid: dict | None) -> dict:
     """One rank's run, in a process ``distributed.launch`` started; the outcome of a node's first
     rank is what the node's calling process receives (tensors, numbers and strings only): the
     weights and the history are the same on every rank."""
-    _private_copies(job)
+    job.train, job.valid = train, valid
     result, error = None, None
     try:
         result = _train(job, fabric.device, _Ranks(fabric))
@@ -582,15 +589,6 @@ def _rank_main(fabric, job: _Job) -> dict:
             "torch_rng": torch.get_rng_state(), "error": error,
             "history": result.history if result else [], "best_epoch": result.best_epoch if result else -1,
             "stopped_early": result.stopped_early if result else False}
-
-
-def _private_copies(job: _Job) -> None:
-    """Give the rank its own model, guide, extras, optimizer factory and batch_transform. Spawned
-    processes receive every tensor in shared memory: without copies the ranks would update one
-    set of weights (or one recorder) in turn. One ``deepcopy`` of the five keeps a factory that
-    feeds an extra (a sampler's recorder) tied to it. The data stay shared: they are only read."""
-    job.model, job.guide, job.optimizer, job.checkpoint_extras, job.batch_transform = copy.deepcopy(
-        (job.model, job.guide, job.optimizer, job.checkpoint_extras, job.batch_transform))
 
 
 def _cpu(state: dict) -> dict:
@@ -621,8 +619,9 @@ class _Ranks:
         """One pass over the shuffled training set; returns the loss summed over the ranks (one
         process's total). Every rank draws its own noise, from a stream seeded by (seed, epoch,
         rank): the N draws of a BNN's weights in a step are independent, and a resumed run needs
-        no per-rank random state from the checkpoint."""
-        pyro.set_rng_seed(stream_seed(job.seed, epoch, self.rank))
+        no per-rank random state from the checkpoint. The optimizer's step draws alike on every
+        rank (seeded by the step's number), so the replicas stay equal."""
+        pyro.set_rng_seed(rank_seed(job.seed, epoch, self.rank))
         num_train = _size(job.train)
         steps_per_epoch = math.ceil(num_train / job.batch_size)
         order = torch.randperm(num_train, generator=generator)
@@ -644,7 +643,9 @@ class _Ranks:
                 self.fabric.backward(self.world * value)  # DDP averages: N v_r, mean over r = sum
                 if job.clip_norm is not None:
                     torch.nn.utils.clip_grad_norm_(params, job.clip_norm)
-                self.optimizer.step()
+                step = epoch * steps_per_epoch + step_in_epoch
+                with same_on_every_rank(self.device, shared_seed(job.seed, step)):
+                    self.optimizer.step()
                 total += summed
                 if shows:
                     bar.set_postfix(loss=f"{summed / len(index):.2f}")

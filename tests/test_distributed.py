@@ -12,6 +12,8 @@ unpickle them. Most tests fork (``ddp_fork``), which skips the children's import
 and Lightning; the resume test spawns, as the default does.
 """
 
+from functools import partial
+
 import pytest
 import torch
 from pyro.poutine.messenger import Messenger
@@ -76,6 +78,41 @@ def bnn_data() -> dict:
 PAIRS = {"vae": (vae_pair, vae_data), "bnn": (bnn_pair, bnn_data)}
 
 
+class ReplicaGap:
+    """After every optimizer step, the largest difference between any rank's parameters and this
+    rank's (all-gathered): 0 while the replicas agree. A checkpoint extra, so rank 0's comes back."""
+
+    def __init__(self):
+        self.gap, self.steps = 0.0, 0
+
+    def watch(self, optimizer, *_):
+        flat = torch.cat([p.detach().flatten() for group in optimizer.param_groups for p in group["params"]])
+        gathered = [torch.empty_like(flat) for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather(gathered, flat)
+        self.gap = max(self.gap, *((other - flat).abs().max().item() for other in gathered))
+        self.steps += 1
+
+    def state_dict(self) -> dict:
+        return {"gap": torch.tensor(self.gap), "steps": torch.tensor(self.steps)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.gap, self.steps = state["gap"].item(), state["steps"].item()
+
+
+class NoisySGD(torch.optim.Optimizer):
+    """w <- w - lr grad + 0.01 eps, eps ~ N(0, I): gradient steps with noise, as SGLD takes."""
+
+    def __init__(self, params, lr, watcher: ReplicaGap):
+        super().__init__(params, {"lr": lr})
+        self.register_step_post_hook(watcher.watch)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.add_(p.grad, alpha=-group["lr"]).add_(torch.randn_like(p), alpha=0.01)
+
+
 @pytest.fixture(autouse=True)
 def one_thread_float64(monkeypatch):
     """One torch thread per process (OMP_NUM_THREADS reaches spawned ones), float64 everywhere
@@ -133,6 +170,17 @@ def test_a_nonfinite_loss_on_one_rank_stops_every_rank_at_the_step_one_process_s
     for name, value in stopped[1][1].items():  # both keep the weights after step 1
         torch.testing.assert_close(stopped[2][1][name], value, rtol=1e-12, atol=1e-12,
                                    msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_an_optimizer_that_draws_noise_draws_alike_on_every_rank():
+    """DistributedDataParallel averages gradients only: a step that drew different noise on each
+    rank would leave the replicas apart."""
+    model, guide = bnn_pair(noise=True)
+    gap = ReplicaGap()
+    fit(model, guide, bnn_data(), epochs=2, batch_size=BATCH, lr=0.01, checkpoint_extras={"gap": gap},
+        optimizer=partial(NoisySGD, watcher=gap), devices=2, strategy="ddp_fork", progress=False)
+    assert gap.steps == 6
+    assert gap.gap == 0.0
 
 
 def test_two_process_run_resumed_after_one_epoch_equals_the_run_never_stopped(tmp_path):
