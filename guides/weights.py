@@ -54,8 +54,9 @@ def submodule(module: nn.Module, name: str) -> nn.Module:
     On a PyroModule, reading a plain submodule (a guide's ``nn.ParameterDict``) sends one
     ``pyro.param`` message per parameter through the effect stack. With module-local parameters
     nothing consumes them (a torch optimizer holds the parameters, ``inference.svi.fit``'s
-    ELBOs ignore param sites) and they were ~15% of a mean-field guide's trace; a guide reads
-    its own parameters directly instead.
+    ELBOs ignore param sites) and they were a fifth of a mean-field guide's trace on the digits
+    net (12 messages; 0.99 ms against 0.76 ms, measured); a guide reads its own parameters
+    directly instead.
     """
     return module._modules[name]
 
