@@ -115,7 +115,8 @@ def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
     """``columns``: (header, row key, cell style); a markdown table, readable as plain text."""
     cells = [[cell(row.get(key), style) if style != "str" else str(row.get(key, "—"))
               for _, key, style in columns] for row in rows]
-    widths = [max(len(header), *(len(line[i]) for line in cells)) for i, (header, _, _) in enumerate(columns)]
+    widths = [max(len(header), *(len(line[i]) for line in cells))
+              for i, (header, _, _) in enumerate(columns)]
     print("| " + " | ".join(h.ljust(w) for (h, _, _), w in zip(columns, widths, strict=True)) + " |")
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for line in cells:
@@ -217,22 +218,25 @@ plt.show()
 #   (`amortized`) to -131.2 (`vlae`). The flows sit between: planar (-143.9) and Sylvester
 #   (-144.1) gain about 11 nats over the diagonal Gaussian, radial and Householder about 7 and
 #   6; the IAF and the rank-one Gaussian gain nothing at this budget.
-# * **And it costs.** The horizontal axis of the left panel is the price: planar, radial and Householder
-#   steps add little to an epoch (1.0 to 1.1 s against 0.8 s), the IAF's MADE networks more,
-#   Sylvester's orthogonal matrices 5.5 s, and the VLAE's Newton steps — each needs the
-#   decoder's Jacobian at every image — 14 s, seventeen times the diagonal Gaussian in this run
-#   (eleven in another of ours: the ratio moves with the load on the shared cores). A plausible
-#   reason for the VLAE's lead this early in training: it computes each image's posterior from
-#   the decoder (Chapter 5) instead of trusting the encoder, which after four epochs is still
-#   poor. Whether the lead lasts with a longer budget this run cannot say; that test is one
-#   `epochs` argument away.
+# * **And it costs.** The horizontal axis of the left panel is the price: four planar steps add
+#   little to an epoch (0.69 s against the diagonal Gaussian's 0.61 s), radial and Householder
+#   steps and the IAF's MADE networks more (1.0 to 1.2 s), Sylvester's orthogonal matrices (and
+#   three times the parameters) 6.2 s, and the VLAE's Newton steps — each needs the decoder's
+#   Jacobian at every image — 7.1 s, ten and twelve times the diagonal Gaussian. In another of
+#   our runs, on busier cores, the VLAE took seventeen times as long: the ratios move with the
+#   load, though the two slowest guides stayed the slowest. A plausible reason for the VLAE's
+#   lead this early in training: it computes each image's posterior from the decoder
+#   (Chapter 5) instead of trusting the encoder, which after four epochs is still poor. Whether
+#   the lead lasts with a longer budget this run cannot say; that test is one `epochs`
+#   argument away.
 # * **Which numbers to trust.** For every guide but the VLAE the mean k-hat is 1.2 to 1.6 and
 #   93% to 98% of the test images are above 0.7: their weights are so heavy-tailed that 200
 #   importance samples give an IS log-likelihood that is a loose lower bound, and differences
 #   of a nat or two between them mean little. The VLAE's mean k-hat is 0.72, with 44% of images
 #   above 0.7: still at the threshold, but the only $q$ whose IS estimate is not far out of
-#   reach of the truth. Its ELBO is also the only one within about 2 nats of its IS log-likelihood (5 to 8
-#   nats for the others): two symptoms of the same gap KL$(q \,\|\, p(z \mid x))$.
+#   reach of the truth. Its ELBO is also the only one within about 2 nats of its IS
+#   log-likelihood (5 to 8 nats for the others): two symptoms of the same gap
+#   KL$(q \,\|\, p(z \mid x))$.
 # * **Point masses.** `delta`'s "ELBO" is -150.8, higher than the ELBO of every guide but planar
 #   and the VLAE, and it means nothing of the kind: $\log p(x, z^\ast)$ has no entropy term and
 #   bounds nothing. The dashes are the honest entries.
@@ -345,7 +349,6 @@ nll_ax.set_xlabel("whole method's time, seconds (log scale)")
 nll_ax.set_ylabel("test NLL per point (lower is better)")
 nll_ax.set_title("BNN on the gap data: test NLL against time")
 nll_ax.legend(fontsize=7, ncol=2, loc="center left", bbox_to_anchor=(1.01, 0.5))
-train = None
 for column, name in enumerate(BAND_GUIDES):
     ax = fig.add_subplot(grid_spec[1, column], sharey=None if column == 0 else fig.axes[1])
     run = bayeszoo.load_run(run_folders[name])
@@ -375,19 +378,22 @@ plt.show()
 # * **Two groups, as in Chapter 6.** MAP, Laplace, TRADI, the ensemble and NUTS fit the curve:
 #   test RMSE 0.19 to 0.22. The mean-field family (Bayes by Backprop with or without local
 #   reparameterization or Flipout), MC dropout, SGLD and SGHMC do not (0.32 to 0.34): their mean
-#   is the flattened line of the second panel, and they explain the wiggles as noise. For
+#   is the flattened line of the mean-field panel, and they explain the wiggles as noise. For
 #   mean-field that is what its objective prefers with 151 weights and 160 points (Chapter 6);
 #   for the samplers it is the budget: 800 small steps have not yet carried them from the
-#   initialisation to the curve.
+#   initialisation to the curve, as Chapter 6 found for SGLD after 1,200.
 # * **Calibration.** NUTS has the best test NLL (-0.27), then Laplace (-0.09), TRADI (-0.07) and
 #   MAP (-0.07), then the ensemble (0.02): on a test set whose hard points lie in the gap and
 #   near its edges, a band that widens away from the data pays. MAP has no epistemic band at
 #   all; the ensemble's five members agree almost everywhere, so its band is hardly wider; the
 #   mean-field band is wide, but around the wrong mean.
-# * **Time.** NUTS took 66 s, about three times MAP's 20 s (which includes the one-off start-up
-#   costs of the first row) and six times TRADI's 11 s; Laplace costs MAP plus one curvature
-#   pass. The two samplers took about 14 s each with both chains, as little as mean-field, but
-#   for a posterior that is not yet usable.
+# * **Time.** NUTS took 26 s, a little over twice MAP's 11 s, and was the slowest guide even on
+#   its budget of 100 draws. Every optimizer and both samplers took 11 to 17 s, differences
+#   these wall-clock timings cannot resolve; "s / epoch" times 500 shows that only 4 to 6 s of
+#   an optimizer's time is its training steps, the rest the work every run does each epoch (a
+#   validation ELBO, a checkpoint) and after it (scores, figures). Laplace costs MAP plus one
+#   curvature pass; its row is even below MAP's, whose time includes the one-off start-up
+#   costs of the first row.
 # * **Memory.** The posterior bytes follow what each guide keeps: 604 bytes for MAP and MC
 #   dropout (151 float32 weights), twice that for a mean-field Gaussian or TRADI (a mean and a
 #   scale per weight), five networks for the ensemble (3,020), 11 KB for Laplace (the MAP plus
@@ -455,7 +461,8 @@ for name, run in sample_runs.items():
 #
 # * **In weight space every sampler fails**, as expected: max R-hat 3.0 to 3.1 and min bulk ESS
 #   2 to 3 for SGLD, SGHMC and NUTS alike. Hidden-unit permutations and too few draws make
-#   these numbers uninformative for a network; `compare`'s warnings say so in plain words.
+#   these numbers uninformative for a network; `compare`'s warnings flag them, though their
+#   advice (run longer, start from a MAP fit) cannot undo a symmetry.
 # * **In function space the readings part ways.** SGLD's chains agree: R-hat 1.00 to 1.02 and
 #   ESS 91 to 138 of 202 draws at the three inputs; SGHMC's mostly (R-hat 1.15 and ESS 10 in the
 #   gap). Yet both are *wrong*: compare their means with the `true` column — at $x = \pm 0.65$
@@ -476,9 +483,9 @@ for name, run in sample_runs.items():
 #
 # * **For speed**, a point estimate or the diagonal Gaussian: MAP for a network and the
 #   `amortized` guide for a VAE are the cheapest per epoch. If a little more time is available,
-#   spend it where the tables show a return: a few planar or Householder flow steps bought the
-#   VAE about 6 to 11 nats for a fifth to a third more time per epoch, and Laplace turned MAP into the
-#   second-best calibrated network for the price of one curvature pass.
+#   spend it where the tables show a return: four planar flow steps bought the VAE 11 nats for
+#   about an eighth more time per epoch, and Laplace turned MAP into the second-best calibrated
+#   network for the price of one curvature pass.
 # * **For calibration** of a small network, NUTS first and Laplace second, on this data; the
 #   ensemble fitted the curve but its members agreed too closely to widen in the gap, and
 #   mean-field and MC dropout paid for their bands with a wrong mean.
@@ -486,7 +493,7 @@ for name, run in sample_runs.items():
 #   diagnostics in function space passing, which at this budget they did not; its cost per draw
 #   grows with the depth of its trajectories, and it was already the slowest guide here. For a
 #   VAE, the only guide whose importance weights were nearly trustworthy was the VLAE (k-hat
-#   0.72), at seventeen times the cost of an epoch: choose it when the number you report is
+#   0.72), at about twelve times the cost of an epoch: choose it when the number you report is
 #   the log-likelihood itself.
 # * **For memory**, a guide that stores a fixed number of parameters: MAP (one copy of the
 #   weights), mean-field or TRADI (two), an ensemble ($M$). Sample-based posteriors store every
