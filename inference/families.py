@@ -155,6 +155,11 @@ class _LatentVariables:
 
         return {"guide": guide, **{key: math.nan for key, _ in LATENT_TABLE[1:-2]}, "status": status}
 
+    def markdown(self, rows, setting) -> str:
+        from bayeszoo.inference.report import latent_markdown
+
+        return latent_markdown(rows, setting)
+
 
 class ImageFamily(_LatentVariables):
     compare_images = True
@@ -205,10 +210,6 @@ class ImageFamily(_LatentVariables):
 
         return LATENT_TABLE
 
-    def markdown(self, rows, setting) -> str:
-        from bayeszoo.inference.report import latent_markdown
-
-        return latent_markdown(rows, setting)
 
 
 class SequenceFamily(_LatentVariables):
@@ -235,10 +236,6 @@ class SequenceFamily(_LatentVariables):
 
         return sequence_table()
 
-    def markdown(self, rows, setting) -> str:
-        from bayeszoo.inference.report import latent_markdown
-
-        return latent_markdown(rows, setting)
 
 
 class SupervisedFamily:
