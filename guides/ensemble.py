@@ -30,6 +30,13 @@ class EnsembleGuide(WeightSamples):
         samples = {name: torch.stack([draw[name] for draw in draws]) for name in draws[0]}
         super().__init__(model, samples, learnable=True)
 
+    @classmethod
+    def of_members(cls, model, samples: dict[str, torch.Tensor]) -> EnsembleGuide:
+        """An ensemble whose members are ``samples`` (site name -> (m, *site shape)), copied."""
+        ensemble = cls.__new__(cls)
+        WeightSamples.__init__(ensemble, model, samples, learnable=True)
+        return ensemble
+
     @property
     def num_particles(self) -> int:
         """The ELBO particles that train every member once per step."""

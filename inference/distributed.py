@@ -22,10 +22,14 @@ expectation otherwise. The v_r sum to L_b, which the history reports. A rank who
 empty (a last batch smaller than N) runs one example with its local terms scaled by 0: it adds
 its share of g and takes part in the gradient all-reduce.
 
+Work that needs no communication, ensemble members and Markov chains, is spread over the same
+processes by ``run_tasks``: task i runs on rank i mod N exactly as it would in one process (its
+own seed, its own run folder), so the results do not depend on how many processes ran them.
+
 This module knows processes and tensors, not ELBOs: ``check_devices`` (settings that cannot run
 fail before anything starts), ``launch`` (run a function on every rank, return rank 0's
-outcome), ``replicate`` (model and guide under DistributedDataParallel), and the slices, seeds
-and sums the loop in ``svi`` uses.
+outcome), ``replicate`` (model and guide under DistributedDataParallel), ``run_tasks``, and the
+slices, seeds and sums the loop in ``svi`` uses.
 
 Processes start by spawning (``strategy="ddp"``): what they receive must pickle. ``"ddp_fork"``
 forks instead (nothing is pickled, no imports are repeated; CPU, or a GPU machine where CUDA is
@@ -36,11 +40,12 @@ than one process trains.
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import pickle
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pyro
@@ -49,7 +54,16 @@ from pyro import poutine
 from torch import nn
 
 STRATEGIES = {"ddp": "spawn", "ddp_spawn": "spawn", "ddp_fork": "fork"}
-ACCELERATORS = ("cpu", "gpu", "cuda")
+ACCELERATORS = ("cpu", "gpu", "cuda", "auto")
+#: The keywords of ``svi.fit`` (and of the registry's budgets) that say how many processes train.
+PROCESS_KEYWORDS = ("devices", "accelerator", "num_nodes", "strategy")
+
+
+def resolve_accelerator(accelerator: str, devices: int) -> str:
+    """``"auto"``: the GPUs when this machine has ``devices`` of them, else the CPU."""
+    if accelerator != "auto":
+        return accelerator
+    return "gpu" if torch.cuda.device_count() >= devices else "cpu"
 
 
 def check_devices(devices: int, num_nodes: int, accelerator: str, strategy: str, device) -> int:
@@ -61,7 +75,7 @@ def check_devices(devices: int, num_nodes: int, accelerator: str, strategy: str,
         raise ValueError(f"unknown accelerator {accelerator!r}; choose from {', '.join(ACCELERATORS)}")
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
-    if accelerator != "cpu" and torch.cuda.device_count() < devices:
+    if accelerator in ("gpu", "cuda") and torch.cuda.device_count() < devices:
         raise ValueError(f"accelerator={accelerator!r} with devices={devices} needs {devices} CUDA GPU(s) "
                          f"on this machine, found {torch.cuda.device_count()}")
     missing = [key for key in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK") if key not in os.environ]
@@ -69,7 +83,7 @@ def check_devices(devices: int, num_nodes: int, accelerator: str, strategy: str,
         raise ValueError(f"num_nodes={num_nodes}: every node runs the same command with MASTER_ADDR "
                          f"(node 0's address), MASTER_PORT and NODE_RANK set; {', '.join(missing)} not set")
     world = devices * num_nodes
-    if world == 1 and accelerator != "cpu" and torch.device(device).type != "cuda":
+    if world == 1 and accelerator in ("gpu", "cuda") and torch.device(device).type != "cuda":
         raise ValueError(f"one process trains on device={str(device)!r}; for accelerator={accelerator!r} "
                          "pass device='cuda'")
     return world
@@ -136,25 +150,25 @@ def launch(function: Callable, private: tuple, shared: tuple, *, devices: int, n
     fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes,
                     strategy=DDPStrategy(start_method=start_method,
                                          find_unused_parameters=find_unused_parameters))
-    with _local_main_address(num_nodes):
-        outcome = fabric.launch(_run_rank, function, private, shared, _Settings.capture())
-    return torch.load(io.BytesIO(outcome), map_location="cpu", weights_only=True)
+    with _local_main_address(num_nodes), tempfile.TemporaryDirectory(prefix="bayeszoo-") as folder:
+        outcome = Path(folder) / "outcome.pt"
+        fabric.launch(_run_rank, function, private, shared, _Settings.capture(), outcome)
+        return torch.load(outcome, map_location="cpu", weights_only=True)
 
 
-def _run_rank(fabric, function: Callable, private: tuple | bytes, shared: tuple,
-              settings: _Settings) -> bytes:
+def _run_rank(fabric, function: Callable, private: tuple | bytes, shared: tuple, settings: _Settings,
+              outcome: Path) -> None:
     """A rank's entry: the caller's settings, its own copy of ``private``, the function, and for
-    each node's first rank its outcome as a tensors-only ``torch.save`` (the only thing that
-    travels back to the node's calling process)."""
+    each node's first rank its outcome, saved tensors-only to the file ``outcome`` in the calling
+    process's temporary folder. A file, not the return value: Lightning's launcher joins its
+    processes before it reads what rank 0 returned through a pipe, so an outcome larger than the
+    pipe's buffer (64 KiB, the weights of any real network) would never arrive."""
     settings.apply()
     if isinstance(private, bytes):
         private = pickle.loads(private)
-    outcome = function(fabric, *private, *shared)
-    if fabric.local_rank != 0:
-        return b""
-    buffer = io.BytesIO()
-    torch.save(outcome, buffer)
-    return buffer.getvalue()
+    result = function(fabric, *private, *shared)
+    if fabric.local_rank == 0:
+        torch.save(result, outcome)
 
 
 @contextlib.contextmanager
@@ -227,6 +241,49 @@ def sum_over_ranks(value: torch.Tensor) -> torch.Tensor:
     more, which a per-step loss does without."""
     value = value.detach().clone()
     torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.SUM)
+    return value
+
+
+def is_main_node() -> bool:
+    """Whether this process is on node 0 (``NODE_RANK``, unset on one machine), the node that
+    writes a run's files; every node's calling process gets the same outcome."""
+    return os.environ.get("NODE_RANK", "0") == "0"
+
+
+def run_tasks(task: Callable, count: int, *, devices: int = 1, num_nodes: int = 1, accelerator: str = "cpu",
+              strategy: str = "ddp", device="cpu") -> list:
+    """``[task(i, device, shows_progress) for i in range(count)]``, the tasks spread over devices x
+    num_nodes processes: rank r runs tasks r, r + N, r + 2N, ... one after the other on its own
+    device. A task returns tensors, numbers, strings and lists (what ``torch.save`` keeps without
+    pickling code) and must not depend on which rank runs it: its seed comes from i. One process
+    runs them here, on ``device``, without Fabric. Only the first rank shows progress bars."""
+    world = check_devices(devices, num_nodes, accelerator, strategy, device)
+    if world == 1:
+        return [task(index, torch.device(device), True) for index in range(count)]
+    check_picklable(strategy, {"task": task})
+    outcome = launch(_rank_tasks, (task, count), (), devices=devices, num_nodes=num_nodes,
+                     accelerator=resolve_accelerator(accelerator, devices), strategy=strategy)
+    return outcome["results"]
+
+
+def _rank_tasks(fabric, task: Callable, count: int) -> dict:
+    """A rank's share of ``run_tasks``, gathered from every rank into task order."""
+    rank, world = fabric.global_rank, fabric.world_size
+    mine = [(index, task(index, fabric.device, rank == 0)) for index in range(rank, count, world)]
+    gathered = [None] * world
+    torch.distributed.all_gather_object(gathered, _to_cpu(mine))
+    done = sorted((pair for part in gathered for pair in part), key=lambda pair: pair[0])
+    return {"results": [result for _, result in done]}
+
+
+def _to_cpu(value):
+    """Tensors anywhere in nested lists, tuples and dicts, moved to the CPU."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {key: _to_cpu(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(item) for item in value)
     return value
 
 

@@ -12,8 +12,11 @@ comparison) is the same code for every family (``inference.runs``, ``inference.c
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -101,6 +104,29 @@ def image_inputs(batch, dataset, options):
     return {"x": batch["x"]}
 
 
+@dataclass(frozen=True)
+class ModelInputs:
+    """``inputs(batch)``: a dataset's minibatch as the model's keyword inputs. It keeps what a
+    conversion reads of the dataset (its shapes, classes, binarization) but not its splits, so it
+    travels to spawned training processes without a copy of the data."""
+
+    convert: Callable  # (batch, dataset, options) -> inputs, e.g. image_inputs
+    dataset: object
+    options: dict
+
+    @classmethod
+    def of(cls, convert: Callable, dataset, options: dict) -> ModelInputs:
+        splits = {name: {} for name in ("train", "valid", "test") if hasattr(dataset, name)}
+        return cls(convert, dataclasses.replace(dataset, **splits), options)
+
+    def __call__(self, batch: dict) -> dict:
+        return self.convert(batch, self.dataset, self.options)
+
+    def transformed(self, batch: dict, generator: torch.Generator) -> dict:
+        """A training minibatch: the dataset's per-batch transform (dynamic binarization), then inputs."""
+        return self(self.dataset.batch_transform(batch, generator))
+
+
 # ---------------------------------------------------------------------------- families
 
 
@@ -113,11 +139,11 @@ class _LatentVariables:
         generator = torch.Generator().manual_seed(EVAL_BINARIZATION_SEED)
         return inputs(dataset.batch_transform(getattr(dataset, split), generator))
 
-    def training_data(self, dataset, inputs) -> dict:
+    def training_data(self, dataset, inputs: ModelInputs) -> dict:
         return {
             "train": dataset.train,
             "valid": self.evaluation_split(dataset, inputs, "valid"),
-            "batch_transform": lambda batch, generator: inputs(dataset.batch_transform(batch, generator)),
+            "batch_transform": inputs.transformed,
         }
 
     def score(self, model, guide, dataset, inputs, scoring: dict, device: str, progress: bool) -> dict:

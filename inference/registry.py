@@ -126,9 +126,42 @@ PATIENCE = Option(
 CLIP_NORM = Option(
     "clip_norm", float, None, "rescale every step's gradient to at most this norm", check=_positive
 )
-SVI_BUDGET = (EPOCHS, BATCH_SIZE, LR, LR_DECAY, NUM_PARTICLES, KL_ANNEAL, PATIENCE, CLIP_NORM)
-POINT_BUDGET = (EPOCHS, BATCH_SIZE, LR, LR_DECAY, PATIENCE, CLIP_NORM)  # weight-space SVI: no KL to anneal
-SAMPLER_BUDGET = (EPOCHS, BATCH_SIZE, LR, LR_DECAY)
+# How many processes train (Lightning Fabric, ``inference/distributed.py``): SVI data-parallel,
+# ensemble members and Markov chains spread over them.
+PROCESSES = (
+    Option(
+        "devices",
+        int,
+        1,
+        "processes per node: data-parallel SVI, or ensemble members / MCMC chains spread over them",
+        check=_positive,
+    ),
+    Option(
+        "accelerator",
+        str,
+        "cpu",
+        "what the processes run on (gpu: one GPU each; auto: the GPUs if there are enough)",
+        choices=("cpu", "gpu", "auto"),
+    ),
+    Option(
+        "num_nodes",
+        int,
+        1,
+        "machines running the same command (MASTER_ADDR, MASTER_PORT, NODE_RANK set on each)",
+        check=_positive,
+    ),
+    Option(
+        "strategy",
+        str,
+        "ddp",
+        "ddp spawns the processes; ddp_fork forks them (CPU, starts in a second)",
+        choices=("ddp", "ddp_fork"),
+    ),
+)
+SVI_BUDGET = (EPOCHS, BATCH_SIZE, LR, LR_DECAY, NUM_PARTICLES, KL_ANNEAL, PATIENCE, CLIP_NORM, *PROCESSES)
+# weight-space SVI: no KL to anneal
+POINT_BUDGET = (EPOCHS, BATCH_SIZE, LR, LR_DECAY, PATIENCE, CLIP_NORM, *PROCESSES)
+SAMPLER_BUDGET = (EPOCHS, BATCH_SIZE, LR, LR_DECAY, *PROCESSES)
 
 HIDDEN = Option(
     "hidden",
@@ -520,7 +553,8 @@ GUIDES: dict[str, GuideEntry] = {
             (BNN,),
             "deep ensemble, M members trained in one vectorized step (Lakshminarayanan et al. 2017)",
             _G + "ensemble:EnsembleGuide",
-            budget=POINT_BUDGET,
+            _T + "ensemble",
+            POINT_BUDGET,
             options=(_MEMBERS,),
         ),
         GuideEntry(
@@ -564,7 +598,7 @@ GUIDES: dict[str, GuideEntry] = {
             "NUTS (Hoffman & Gelman 2014): the gold standard for small networks",
             None,
             _T + "nuts",
-            (EPOCHS, BATCH_SIZE, LR),
+            (EPOCHS, BATCH_SIZE, LR, *PROCESSES),
             train_options=_NUTS,
             posterior=_T + "samples_posterior",
             model_defaults={"noise": "prior"},

@@ -110,6 +110,7 @@ def build(config: dict, dataset):
     """Seed, then build model and guide (the model first, so it gets the same initial weights
     whichever guide comes with it). Returns (model, guide or None, inputs) where ``inputs(batch)``
     maps a dataset minibatch to the model's keyword inputs."""
+    from bayeszoo.inference.families import ModelInputs
     from bayeszoo.inference.svi import set_seed
 
     model_entry = registry.model_entry(config["model"])
@@ -125,7 +126,7 @@ def build(config: dict, dataset):
             model, **registry.builder_kwargs(guide_entry.options, options), **guide_entry.build_kwargs
         )
     to_inputs = registry.resolve(model_entry.inputs or "bayeszoo.inference.families:image_inputs")
-    return model, guide, lambda batch: to_inputs(batch, dataset, options)
+    return model, guide, ModelInputs.of(to_inputs, dataset, options)
 
 
 def fit_run(
@@ -151,10 +152,12 @@ def fit_run(
         raise RunError(
             f"{run_dir} already holds a run; pass --resume to continue it or --out to start another"
         )
+    writes = _check_processes(config, device)
     dataset = dataset if dataset is not None else load_data(config, data_root, download)
     model, guide, inputs = build(config, dataset)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / CONFIG).write_text(json.dumps(config, indent=2))
+    if writes:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / CONFIG).write_text(json.dumps(config, indent=2))
 
     entry = registry.guide_entry(config["guide"], config["model"])
     family = _family(config)
@@ -164,7 +167,8 @@ def fit_run(
         model, guide, family.training_data(dataset, inputs), config["options"], budget
     )
     seconds = time.perf_counter() - started
-    save_posterior(run_dir / POSTERIOR, model, posterior)
+    if writes:
+        save_posterior(run_dir / POSTERIOR, model, posterior)
     metrics = {
         "config": config,
         "history": result.history if result else [],
@@ -176,9 +180,25 @@ def fit_run(
     }
     metrics.update(chain_diagnostics(posterior))
     metrics["warnings"] = diagnostic_warnings(metrics)
-    (run_dir / METRICS).write_text(json.dumps(metrics, indent=2))
-    write_figures(run_dir, family, model.cpu(), posterior.cpu(), dataset, inputs, metrics["history"])
+    if writes:
+        (run_dir / METRICS).write_text(json.dumps(metrics, indent=2))
+        write_figures(run_dir, family, model.cpu(), posterior.cpu(), dataset, inputs, metrics["history"])
     return Run(run_dir, config, model, posterior, dataset, metrics, inputs)
+
+
+def _check_processes(config: dict, device: str) -> bool:
+    """Settings of the training processes that cannot run are a RunError before anything is loaded
+    or written; returns whether this process writes the run's files (on node 0; with several
+    nodes, every node runs the same command and gets the same outcome)."""
+    from bayeszoo.inference.distributed import PROCESS_KEYWORDS, check_devices, is_main_node
+
+    fit = config["fit"]
+    if any(key in fit for key in PROCESS_KEYWORDS):
+        try:
+            check_devices(fit["devices"], fit["num_nodes"], fit["accelerator"], fit["strategy"], device)
+        except ValueError as error:
+            raise RunError(str(error)) from None
+    return is_main_node()
 
 
 def _family(config: dict):

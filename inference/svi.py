@@ -42,6 +42,7 @@ from bayeszoo.inference.distributed import (
     launch,
     rank_seed,
     replicate,
+    resolve_accelerator,
     same_on_every_rank,
     shared_seed,
     slice_bounds,
@@ -274,7 +275,7 @@ def fit(model, guide, train: dict, valid: dict | None = None, *,
             out among the processes, and the steps follow the one-process gradient of that batch.
             With one process (the default) training runs here, on ``device``, without Fabric.
         accelerator: "cpu", or "gpu" (= "cuda": one GPU a process, ``device`` unused) for several
-            processes.
+            processes; "auto": the GPUs if there are enough, else the CPU.
         strategy: "ddp" (processes spawned: model, guide and callables must pickle) or "ddp_fork".
     """
     _check_inputs(train, valid, x_dim, epochs, batch_size, clip_norm)
@@ -293,8 +294,8 @@ def fit(model, guide, train: dict, valid: dict | None = None, *,
     if job.run_dir is not None:
         job.run_dir.mkdir(parents=True, exist_ok=True)
     if world > 1:
-        return _fit_on_ranks(job, devices=devices, num_nodes=num_nodes, accelerator=accelerator,
-                             strategy=strategy)
+        return _fit_on_ranks(job, devices=devices, num_nodes=num_nodes,
+                             accelerator=resolve_accelerator(accelerator, devices), strategy=strategy)
     return _train(job, device)
 
 

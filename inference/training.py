@@ -8,7 +8,8 @@ FitResult or None)``: ``data`` holds ``train``, ``valid`` and ``batch_transform`
 the scores and the ArviZ diagnostics treat every method alike.
 
     trainer                    what it does                                            posterior
-    svi                        fit the guide by SVI (an ensemble: one particle a member) the guide
+    svi                        fit the guide by SVI                                    the guide
+    ensemble                   SVI with one particle a member                          the guide
     closed_form_kl             SVI with the KL to the Gaussian prior in closed form     the guide
     local_reparameterization   the same under the local_reparameterization() handler    the guide
     flipout                    the same under the flipout() handler                     the guide
@@ -23,6 +24,12 @@ log q(w) - log p(w) at the sampled weights. The same objective, and a step does 
 (measured 4-10% faster on the digits and 784-400-400-8 nets); the gradient noise barely changes
 (1-3% less there): the likelihood term dominates it.
 
+Processes (the budget's ``devices``, ``accelerator``, ``num_nodes``, ``strategy``): the SVI
+trainers train data-parallel (``inference.svi.fit``); an ensemble's members, SGLD/SGHMC chains
+and NUTS chains are independent work, spread over the processes by
+``inference.distributed.run_tasks`` (each member block or chain exactly as one process would
+train it, so the posterior does not depend on the number of processes).
+
 A ``posterior`` function rebuilds an empty fitted posterior of the right kind and shapes from
 the saved state (``posterior.pt``), for the entries whose posterior is not the guide they built.
 """
@@ -30,12 +37,14 @@ the saved state (``posterior.pt``), for the entries whose posterior is not the g
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 import torch
 
-from bayeszoo.inference.svi import CHECKPOINT, fit
+from bayeszoo.inference.distributed import PROCESS_KEYWORDS, run_tasks
+from bayeszoo.inference.svi import CHECKPOINT, FitResult, fit
 
 
 def _fit(model, guide, data: dict, budget: dict, **extra):
@@ -59,6 +68,27 @@ def svi(model, guide, data: dict, options: dict, budget: dict, handler=contextli
         return guide, _fit(model, guide, data, budget, **extra)
 
 
+def _split_processes(budget: dict) -> tuple[dict, dict]:
+    """(how many processes and where, the rest of the budget): for trainers that spread
+    independent tasks over the processes and train each task in one."""
+    processes = {key: budget[key] for key in PROCESS_KEYWORDS if key in budget}
+    rest = {key: value for key, value in budget.items() if key not in PROCESS_KEYWORDS}
+    return processes, rest
+
+
+def _world(processes: dict) -> int:
+    return processes.get("devices", 1) * processes.get("num_nodes", 1)
+
+
+def _task_budget(budget: dict, device, shows_progress: bool) -> dict:
+    return {**budget, "device": device, "progress": budget.get("progress", True) and shows_progress}
+
+
+def _outcome(result: FitResult) -> dict:
+    """A FitResult as ``run_tasks`` carries it back (no objects, only numbers and lists)."""
+    return {"history": result.history, "best_epoch": result.best_epoch, "stopped_early": result.stopped_early}
+
+
 def closed_form_kl(model, guide, data, options, budget):
     from pyro.infer import TraceMeanField_ELBO
 
@@ -79,6 +109,73 @@ def flipout(model, guide, data, options, budget):
     from bayeszoo.guides.reparameterization import flipout as handler
 
     return svi(model, guide, data, options, budget, handler=handler, elbo=TraceMeanField_ELBO)
+
+
+def ensemble(model, guide, data, options, budget):
+    """A deep ensemble: every member one particle of one vectorized SVI step. On N processes the
+    members are split into N contiguous blocks, one a process: a block trains alone with its loss
+    scaled by its share of the members, m / M, so each member takes exactly the steps it takes
+    among all M (the ensemble's loss is the members' mean) and the blocks' losses add up to the
+    ensemble's. The history is that sum. With ``patience`` each block stops on its own members'
+    validation ELBO, and ``clip_norm`` clips each block's gradient norm."""
+    processes, rest = _split_processes(budget)
+    world = _world(processes)
+    if world == 1:
+        return svi(model, guide, data, options, budget)
+    own = [name for name, p in model.named_parameters() if p.requires_grad]
+    if own:
+        raise ValueError(f"the members share the model's own parameters {own} (e.g. a learned noise scale), "
+                         "which one process must train; give --noise a number, or train on one process")
+    if guide.num_members < world:
+        raise ValueError(f"{guide.num_members} ensemble members cannot be split over {world} processes")
+    outcomes = run_tasks(_EnsembleBlock(model, guide, data, rest, world), world,
+                         device=budget.get("device", "cpu"), **processes)
+    with torch.no_grad():
+        for name, member in guide.stacked().items():
+            member.copy_(torch.cat([outcome["members"][name] for outcome in outcomes]).to(member.device))
+    return guide, _summed(outcomes)
+
+
+@dataclass
+class _EnsembleBlock:
+    """Task i of an ensemble on ``blocks`` processes: members [start, stop) of block i."""
+
+    model: torch.nn.Module
+    guide: torch.nn.Module
+    data: dict
+    budget: dict
+    blocks: int
+
+    def __call__(self, block: int, device, shows_progress: bool) -> dict:
+        from pyro import poutine
+
+        from bayeszoo.guides.ensemble import EnsembleGuide
+        from bayeszoo.inference.distributed import slice_bounds
+
+        size = self.guide.num_members
+        start, stop = slice_bounds(size, block, self.blocks)
+        block_members = {name: value[start:stop] for name, value in self.guide.stacked().items()}
+        members = EnsembleGuide.of_members(self.model, block_members)
+        budget = {**_task_budget(self.budget, device, shows_progress),
+                  **_run_folder(self.budget, block, "block")}
+        share = partial(poutine.scale, scale=(stop - start) / size)
+        _, result = svi(self.model, members, self.data, {}, budget, handler=share)
+        return {"members": {k: v.detach() for k, v in members.stacked().items()}, **_outcome(result)}
+
+
+def _summed(outcomes: list[dict]) -> FitResult:
+    """The ensemble's history from its blocks': ELBOs added epoch by epoch (the losses were scaled
+    to add up), the slowest block's seconds."""
+    history = []
+    for rows in zip(*[outcome["history"] for outcome in outcomes], strict=False):
+        row = {**rows[0], "seconds": max(r["seconds"] for r in rows)}
+        for key in ("train_elbo", "valid_elbo"):
+            if key in row:
+                row[key] = sum(r[key] for r in rows)
+        history.append(row)
+    best = max(range(len(history)), key=lambda i: history[i].get("valid_elbo", history[i]["train_elbo"]))
+    return FitResult(history=history, best_epoch=best,
+                     stopped_early=any(outcome["stopped_early"] for outcome in outcomes))
 
 
 def laplace(model, guide, data, options, budget):
@@ -125,37 +222,63 @@ def _sgmcmc(model, guide, sampler, data: dict, options: dict, budget: dict):
     in ``run_dir/chain<c>``, and every checkpoint holds the chain's draws so far, so
     ``resume=True`` continues an interrupted run chain by chain.
     """
-    from bayeszoo.guides.map import MAPGuide
     from bayeszoo.guides.samples import WeightSamples
 
-    start = {key: value.clone() for key, value in model.state_dict().items()}
-    seed = budget.get("seed", 0)
-    chains, result = [], None
-    for chain in range(options["chains"]):
-        model.load_state_dict(start)
+    processes, rest = _split_processes(budget)
+    outcomes = run_tasks(_SamplerChain(model, guide, sampler, data, options, rest), options["chains"],
+                         device=budget.get("device", "cpu"), **processes)
+    model.load_state_dict(outcomes[-1]["model"])
+    chains = [outcome["draws"] for outcome in outcomes]
+    samples = WeightSamples(model, {name: torch.cat([c[name] for c in chains]) for name in chains[0]})
+    samples.chains = {name: torch.stack([c[name] for c in chains]) for name in chains[0]}
+    last = outcomes[-1]
+    return samples, FitResult(last["history"], last["best_epoch"], last["stopped_early"])
+
+
+@dataclass
+class _SamplerChain:
+    """Task c of an SG-MCMC run: chain c, from the model's initial state (chain 0 from the guide's
+    weights, chain c > 0 from a fresh initialisation seeded by c), seeded by seed + c."""
+
+    model: torch.nn.Module
+    guide: torch.nn.Module
+    sampler: object
+    data: dict
+    options: dict
+    budget: dict
+    start: dict = field(init=False)
+
+    def __post_init__(self):
+        self.start = {key: value.detach().clone() for key, value in self.model.state_dict().items()}
+
+    def __call__(self, chain: int, device, shows_progress: bool) -> dict:
+        from bayeszoo.guides.map import MAPGuide
+
+        model, guide = self.model, self.guide
+        model.load_state_dict(self.start)
         if chain > 0:
             guide = MAPGuide(model)
-            torch.manual_seed(seed + chain)
+            torch.manual_seed(self.budget.get("seed", 0) + chain)
             fresh = model.initial_values(fresh=True)
             with torch.no_grad():
                 for name, weight in guide.named_weights().items():
                     if name in fresh:
                         weight.copy_(fresh[name])
-        chain_budget = {**budget, "seed": seed + chain, **_run_folder(budget, chain)}
-        recorder, result = _sgmcmc_chain(model, guide, sampler, data, options, chain_budget)
-        chains.append(recorder.stacked())
-    samples = WeightSamples(model, {name: torch.cat([c[name] for c in chains]) for name in chains[0]})
-    samples.chains = {name: torch.stack([c[name] for c in chains]) for name in chains[0]}
-    return samples, result
+        seed = self.budget.get("seed", 0) + chain
+        budget = {**_task_budget(self.budget, device, shows_progress), "seed": seed,
+                  **_run_folder(self.budget, chain)}
+        recorder, result = _sgmcmc_chain(model, guide, self.sampler, self.data, self.options, budget)
+        return {"draws": recorder.stacked(), "model": model.state_dict(), **_outcome(result)}
 
 
-def _run_folder(budget: dict, chain: int) -> dict:
-    """Chain ``chain``'s run folder (the run's own for chain 0) and whether it resumes: only a
-    chain that wrote a checkpoint can; a later one starts afresh."""
+def _run_folder(budget: dict, task: int, name: str = "chain") -> dict:
+    """Task ``task``'s run folder (the run's own for task 0, ``chain<task>`` or ``block<task>``
+    inside it for the others) and whether it resumes: only a task that wrote a checkpoint can; a
+    later one starts afresh."""
     run_dir = budget.get("run_dir")
     if run_dir is None:
         return {}
-    run_dir = Path(run_dir) if chain == 0 else Path(run_dir) / f"chain{chain}"
+    run_dir = Path(run_dir) if task == 0 else Path(run_dir) / f"{name}{task}"
     resume = budget.get("resume", False) and (run_dir / CHECKPOINT).exists()
     return {"run_dir": run_dir, "resume": resume}
 
@@ -214,12 +337,8 @@ def tradi(model, guide, data, options, budget):
         **{k: options[k] for k in ("process_noise", "measurement_noise") if k in options},
     )
 
-    def optimizer(params, lr):
-        opt = torch.optim.Adam(params, lr=lr)
-        tracker.attach(opt)
-        return opt
-
-    result = _fit(model, guide, data, budget, optimizer=optimizer, checkpoint_extras={"tracker": tracker})
+    result = _fit(model, guide, data, budget, optimizer=_TrackedAdam(tracker),
+                  checkpoint_extras={"tracker": tracker})
     if tracker.tracked_steps == 0:
         raise ValueError("TRADI tracked no step: train for more epochs than burn_in_epochs")
     posterior = TradiGuide(
@@ -234,35 +353,68 @@ def tradi(model, guide, data, options, budget):
     return posterior, result
 
 
+@dataclass
+class _TrackedAdam:
+    """``fit``'s optimizer for TRADI: Adam with the tracker on its steps (a class, not a closure,
+    so that spawned processes can unpickle it)."""
+
+    tracker: object
+
+    def __call__(self, params, lr: float) -> torch.optim.Optimizer:
+        opt = torch.optim.Adam(params, lr=lr)
+        self.tracker.attach(opt)
+        return opt
+
+
 def nuts(model, guide, data, options, budget):
     """NUTS chains; with ``nuts_init="map"`` they start from a MAP fit (the budget trains it).
     MCMC samples sample sites only: give a learned noise scale a prior (``noise="prior"``)."""
     from bayeszoo.guides.map import MAPGuide
     from bayeszoo.guides.samples import WeightSamples
-    from bayeszoo.inference.mcmc import pooled, run_nuts
+    from bayeszoo.inference.mcmc import pooled
 
     init_values = None
     if options["nuts_init"] == "map":
         start = MAPGuide(model)
         _fit(model, start, data, budget, **_run_folder(budget, 0))
         init_values = start.point()
-    draws = run_nuts(
-        model,
-        data["train"],
-        num_samples=options["nuts_samples"],
-        warmup=options["nuts_warmup"],
-        num_chains=options["chains"],
-        max_tree_depth=options["nuts_max_tree_depth"],
-        seed=budget.get("seed", 0),
-        progress=budget.get("progress", True),
-        jit_compile=options["nuts_jit"],
-        init_values=init_values,
-        run_dir=budget.get("run_dir"),
-        resume=budget.get("resume", False),
-    )
+    processes, rest = _split_processes(budget)
+    chain = _NutsChain(model, data["train"], options, rest, init_values)
+    chains = run_tasks(chain, options["chains"], device=budget.get("device", "cpu"), **processes)
+    draws = {name: torch.stack([c[name] for c in chains]) for name in chains[0]}
     posterior = WeightSamples(model, pooled(draws))
     posterior.chains = draws  # per chain, for ArviZ's R-hat and ESS
     return posterior, None
+
+
+@dataclass
+class _NutsChain:
+    """Task c of a NUTS run: ``inference.mcmc.run_nuts_chain`` with the run's settings."""
+
+    model: torch.nn.Module
+    train: dict
+    options: dict
+    budget: dict
+    init_values: dict | None
+
+    def __call__(self, chain: int, device, shows_progress: bool) -> dict:
+        from bayeszoo.inference.mcmc import run_nuts_chain
+
+        options, budget = self.options, self.budget
+        return run_nuts_chain(
+            self.model,
+            self.train,
+            chain,
+            num_samples=options["nuts_samples"],
+            warmup=options["nuts_warmup"],
+            max_tree_depth=options["nuts_max_tree_depth"],
+            seed=budget.get("seed", 0),
+            progress=budget.get("progress", True) and shows_progress,
+            jit_compile=options["nuts_jit"],
+            init_values=self.init_values,
+            run_dir=budget.get("run_dir"),
+            resume=budget.get("resume", False),
+        )
 
 
 # ------------------------------------------------------------------------ fitted posteriors

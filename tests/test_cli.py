@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from bayeszoo.inference.cli import main
 
@@ -131,6 +132,11 @@ BNN = ["fit", "bnn", "--guide", "map", "--data", "gap"]
      "MCMC samples sample sites only"),
     ([*FIT, "--device", "gpu"], "--device must be cpu, cuda or cuda:N"),
     ([*FIT, "--device", "mps"], "--device must be cpu, cuda or cuda:N"),
+    pytest.param([*FIT, "--devices", "2", "--accelerator", "gpu"], "needs 2 CUDA GPU(s) on this machine",
+                 marks=pytest.mark.skipif(torch.cuda.device_count() >= 2, reason="two GPUs here")),
+    ([*FIT, "--devices", "0"], "--devices must be positive"),
+    ([*FIT, "--strategy", "mpi"], "--strategy: invalid choice"),
+    ([*FIT, "--num-nodes", "2"], "MASTER_ADDR"),                      # a second node, but no address
     (["evaluate", "MISSING"], "not a finished run folder"),           # missing file
     (["evaluate", "malformed"], "is not a bayeszoo run config"),      # corrupted run folder
     (["evaluate", "foreign"], "is not a bayeszoo run config"),
