@@ -59,7 +59,11 @@ def fit(
     ``flow_length``, ``members``, ...) and the family's (``binarize``, ``split``, ``is_samples``,
     ``predictive_samples``). One that does not apply to the pair raises ``ValueError`` before
     anything is loaded or written, and so does a folder that already holds a run (unless
-    ``resume``).
+    ``resume``). ``devices``, ``accelerator``, ``num_nodes`` and ``strategy`` train on several
+    processes (Lightning Fabric): SVI data-parallel, an ensemble's members and MCMC chains shared
+    out; process settings that cannot run here are a ``ValueError`` before anything is written.
+    Spawned processes (``strategy="ddp"``, the default) re-import your script: call ``fit`` under
+    ``if __name__ == "__main__":``.
 
         run = bayeszoo.fit("vae", "iaf", "digits", out="runs/iaf", epochs=10, flow_length=4)
     """
