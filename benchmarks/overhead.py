@@ -276,10 +276,10 @@ def profiles(groups: Groups, rows: int = 10) -> dict[str, str]:
     vae_model, vae_guide = vae.make_pair(vae.AmortizedNormal, groups.vae_data.x_dim, groups.vae_cfg)
     size = groups.cfg.latent_train_size
     runs = {
-        f"digits mean-field ({'-'.join(map(str, _net_sizes('digits')))}), one epoch of `train(model, "
-        f"\"meanfield\")`, {math.ceil(len(digits.train['x']) / batch_size)} steps":
-            lambda: bnn_step.run_variant("meanfield", digits, hidden, 1, batch_size, lr, 0),
-        f"VAE (z=50), one epoch of `fit`, {len(groups.vae_train['x']) // 100} steps":
+        f"digits mean-field ({'-'.join(map(str, _net_sizes('digits')))}), two epochs of `train(model, "
+        f"\"meanfield\")`, {math.ceil(len(digits.train['x']) / batch_size)} steps each":
+            lambda: bnn_step.run_variant("meanfield", digits, hidden, 2, batch_size, lr, 0),
+        f"VAE (z=50), one epoch of `fit`, {math.ceil(len(groups.vae_train['x']) / 100)} steps":
             lambda: vae.train_pyro(vae_model, vae_guide, groups.vae_train, groups.vae_data.batch_transform,
                                    groups.vae_cfg, 1, "cpu"),
         "VLAE (T=4, z=20), one epoch of `fit`":
