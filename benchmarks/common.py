@@ -134,6 +134,20 @@ class EpochClock:
         return [b[1] - a[1] for a, b in zip(starts[:-1], starts[1:], strict=True)]
 
 
+def profile_table(run, rows: int = 10) -> str:
+    """torch.profiler's table of the ``rows`` operators with the most self CPU time in ``run()``.
+
+    ``run`` is called once un-profiled first, so the allocator, lazy imports and first-call
+    caches are warm and the table shows the steady state.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    run()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
 def after_warmup(values: list[float]) -> list[float]:
     """All but the first value (the warm-up epoch), unless it is the only one."""
     return values[1:] if len(values) > 1 else values

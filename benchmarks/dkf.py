@@ -386,23 +386,32 @@ def same_elbo(cfg: Config, structure: str, batch: dict) -> dict:
     return out
 
 
+def timing_data(cfg: Config) -> dict:
+    """The pendulum sequences the speed comparison trains on."""
+    return pendulum_dataset(sizes=(cfg.timing_train_size, 10, 10), num_steps=cfg.pendulum_steps,
+                            seed=cfg.seed + 100).train
+
+
+def time_pairs_once(cfg: Config, structure: str, train: dict) -> dict:
+    """One run of the library pair, then one of the loop pair with the same weights, each 1 warm-up
+    + ``cfg.timing_epochs`` epochs: {"vectorized" | "loop": (history, wall, cpu)}, warm-up included."""
+    model, guide = make_dmm(cfg, structure, cfg.seed)
+    pairs = {"vectorized": (model, guide), "loop": loop_pair(model, guide)}
+    return {name: timed_fit(*pair, train, cfg.timing_epochs + 1, cfg.pendulum_batch_size, lr=cfg.pendulum_lr,
+                            seed=cfg.seed)
+            for name, pair in pairs.items()}
+
+
 def speed(cfg: Config) -> dict:
     """Seconds per epoch of the library pair and of the loop pair, alternating in one process."""
-    full = pendulum_dataset(sizes=(cfg.timing_train_size, 10, 10), num_steps=cfg.pendulum_steps,
-                            seed=cfg.seed + 100)
-    train = full.train
-    epochs = cfg.timing_epochs + 1
+    train = timing_data(cfg)
     rows = []
     for structure in cfg.timing_structures:
         wall = {"vectorized": [], "loop": []}
         cpu = {"vectorized": [], "loop": []}
         elbos = {"vectorized": [], "loop": []}
         for _ in range(cfg.rounds):
-            model, guide = make_dmm(cfg, structure, cfg.seed)
-            pairs = {"vectorized": (model, guide), "loop": loop_pair(model, guide)}
-            for name, pair in pairs.items():
-                history, wall_s, cpu_s = timed_fit(*pair, train, epochs, cfg.pendulum_batch_size,
-                                                   lr=cfg.pendulum_lr, seed=cfg.seed)
+            for name, (history, wall_s, cpu_s) in time_pairs_once(cfg, structure, train).items():
                 wall[name] += wall_s[1:]
                 cpu[name] += cpu_s[1:]
                 elbos[name].append([row["train_elbo"] / cfg.pendulum_steps for row in history])

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pyro
 import torch
+from common import profile_table
 
 from bayeszoo.guides.amortized import AmortizedNormal
 from bayeszoo.guides.flows import AmortizedFlow
@@ -49,15 +50,25 @@ def build(kind: str):
     return model, AmortizedFlow(model, (400,), flow=kind, flow_length=8)
 
 
-def train(kind: str, dataset, epochs: int = 1, seed: int = 0):
-    """``kind`` ending in "+fused": the same with ``torch.optim.Adam(fused=True)``."""
+def train(kind: str, dataset, epochs: int = 1, seed: int = 0, train_size: int | None = None,
+          device: str = "cpu"):
+    """``kind`` ending in "+fused": the same with ``torch.optim.Adam(fused=True)``.
+    ``train_size``: the first that many training images (None: all)."""
     pyro.set_rng_seed(seed)
     fused = kind.endswith("+fused")
     model, guide = build(kind.removesuffix("+fused"))
     optimizer = functools.partial(torch.optim.Adam, fused=True) if fused else torch.optim.Adam
-    fit(model, guide, {"x": dataset.train["x"]}, epochs=epochs, batch_size=100, seed=seed,
-        batch_transform=dataset.batch_transform, progress=False, optimizer=optimizer)
+    fit(model, guide, {"x": dataset.train["x"][:train_size]}, epochs=epochs, batch_size=100, seed=seed,
+        batch_transform=dataset.batch_transform, progress=False, optimizer=optimizer, device=device)
     return model, guide
+
+
+def timed_epoch(kind: str, dataset, train_size: int | None = None,
+                device: str = "cpu") -> tuple[float, float]:
+    """Wall and CPU (process) seconds of building ``kind`` and training it for one epoch."""
+    start_wall, start_cpu = time.perf_counter(), time.process_time()
+    train(kind, dataset, train_size=train_size, device=device)
+    return time.perf_counter() - start_wall, time.process_time() - start_cpu
 
 
 def time_epochs(kinds, dataset, rounds: int) -> dict:
@@ -65,10 +76,9 @@ def time_epochs(kinds, dataset, rounds: int) -> dict:
     cpu = {kind: [] for kind in kinds}
     for _ in range(rounds):
         for kind in kinds:  # interleaved: a slow spell of the shared machine hits every guide
-            start_wall, start_cpu = time.perf_counter(), time.process_time()
-            train(kind, dataset)
-            wall[kind].append(time.perf_counter() - start_wall)
-            cpu[kind].append(time.process_time() - start_cpu)
+            wall_s, cpu_s = timed_epoch(kind, dataset)
+            wall[kind].append(wall_s)
+            cpu[kind].append(cpu_s)
     result = {}
     for kind in kinds:
         w, c = statistics.median(wall[kind]), statistics.median(cpu[kind])
@@ -82,13 +92,7 @@ def time_epochs(kinds, dataset, rounds: int) -> dict:
 
 
 def profile(kind: str, dataset, rows: int) -> str:
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
-    train(kind, dataset)  # warm up the allocator and the lazy imports
-    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-        train(kind, dataset)
-    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+    return profile_table(lambda: train(kind, dataset), rows)
 
 
 def log_likelihood(kinds, dataset, epochs: int, samples: int) -> dict:

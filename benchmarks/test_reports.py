@@ -9,6 +9,7 @@ import json
 import math
 
 import bnn
+import overhead
 import pytest
 from common import EpochClock, fmt_mean_se, mean_se, new_report, read_json, write, write_json
 
@@ -81,3 +82,62 @@ def test_bnn_markdown_renders_the_report_read_back_from_its_json(tmp_path, split
     written = (tmp_path / "bnn.md").read_text()
     assert bnn.markdown(back) == written
     assert f"| plain PyTorch MLP | {rmse} | n/a | 1,000 | 1.0 |" in written
+
+
+def _fake_overhead_report(gpu: bool) -> dict:
+    """The keys ``overhead.markdown`` reads, the rows summarized from made-up per-round times."""
+    cfg = overhead.Config(**overhead.QUICK)
+    report = new_report("overhead", cfg, overhead.environment("cpu"))
+    report.update(device="cuda" if gpu else "cpu", cuda_available=gpu, machine_note="2 shared cores",
+                  finished=report["date"], seconds=30.0, load_average_after_round=[(1.5, 1.0, 1.0)])
+    # Every group's candidate takes 2, 3, 2 seconds (wall; CPU half of it) over three rounds
+    # against its reference's 1, 1, 2: per-round ratios 2, 3, 1, median 2.
+    wall = {"candidate": [2.0, 3.0, 2.0], "reference": [1.0, 1.0, 2.0]}
+    rows = overhead.rows_for(cfg)
+    times = {}
+    for row in rows:
+        for side, variant in (("candidate", row.candidate), ("reference", row.reference)):
+            cpu = [w / 2 for w in wall[side]]
+            times.setdefault(row.group, {})[variant] = {"wall": wall[side], "cpu": cpu}
+    report["times"] = times
+    report["rows"] = {row.key: overhead.summarize(row, times) for row in rows}
+    report["gpu"] = None
+    if gpu:  # the GPU twice as fast on both sides
+        gpu_times = {g: {v: {clock: [s / 2 for s in t] for clock, t in sides.items()}
+                         for v, sides in variants.items()} for g, variants in times.items()}
+        report["gpu"] = {"hardware": "a GPU", "times": gpu_times,
+                         "rows": overhead.gpu_summary(times, gpu_times)}
+    return report
+
+
+@pytest.mark.parametrize("gpu", [False, True])
+def test_overhead_markdown_renders_the_report_read_back_from_its_json(tmp_path, gpu):
+    report = _fake_overhead_report(gpu)
+    write(report, tmp_path / "overhead", overhead.markdown)
+    back = read_json(tmp_path / "overhead.json")
+    written = (tmp_path / "overhead.md").read_text()
+    assert overhead.markdown(back) == written
+    # Target 1.15: the median ratio 2 is over it; TRADI's 1.3 and the DKF's 1.0 likewise.
+    assert ("| VAE epoch, Pyro `fit` / plain PyTorch, same nets (z=50) | 2.00x (2.00x) | 2 / 1 s | 1 / 0.5 s "
+            "| <= 1.15x | 1.31x | **not met** |") in written
+    # BNN rows are steps, in milliseconds.
+    assert "| 2e+03 / 1e+03 ms | 1e+03 / 500 ms | <= 1.5x | 3.7x | **not met** |" in written
+    # Ratio 2 is within VLAE's 6x and Sylvester's 2.5x only: the other 10 of the 12 quick rows are not.
+    assert len(back["rows"]) == 12 and written.count("| **not met** |") == 10
+    assert "| <= 6x | 26x | met |" in written and "| <= 2.5x | 11.6x | met |" in written
+    if gpu:
+        gpu_row = ("| VAE epoch, Pyro `fit` / plain PyTorch (z=50) | 2.00x | 2.00x | 1.000 | 0.500 | 2.0x "
+                   "| 2.0x |")
+        assert gpu_row in written
+    else:
+        assert "Not measured: no GPU" in written
+
+
+def test_a_row_is_met_only_when_both_clocks_are_within_the_target():
+    row = overhead.Row("r", "r", "g", "a", "b", target=1.5)
+    times = {"g": {"a": {"wall": [1.4], "cpu": [1.6]}, "b": {"wall": [1.0], "cpu": [1.0]}}}
+    summary = overhead.summarize(row, times)
+    assert (summary["met"], summary["met_wall"], summary["met_cpu"]) == (False, True, False)
+    assert overhead.row_verdict(summary) == "met on wall time only"
+    times["g"]["a"]["cpu"] = [1.5]
+    assert overhead.row_verdict(overhead.summarize(row, times)) == "met"

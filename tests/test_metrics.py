@@ -28,6 +28,7 @@ from bayeszoo.inference.metrics import (
     reliability,
 )
 from bayeszoo.inference.plots import regression_band, reliability_diagram
+from bayeszoo.inference.runs import describe
 from bayeszoo.models.bnn import BayesianNeuralNetwork
 
 # ----------------------------------------------------------------------------- regression
@@ -280,6 +281,11 @@ def test_last_layer_laplace_memory_is_exactly_the_tensors_the_guide_holds():
         "net__0__weight_point": (5, 3), "net__0__bias_point": (5,), "net__2__weight_point": (4, 5),
         "net__2__bias_point": (4,), "loc": (24,), "scale_tril": (24, 24)}
     assert memory_bytes(guide) == (20 + 24 + 24 + 24 * 24) * 4
+    # An independent count: numel x element size of every tensor the guide holds, none shared.
+    held = [*guide.parameters(), *guide.buffers()]
+    assert memory_bytes(guide) == sum(t.numel() * t.element_size() for t in held)
+    # The CLI's metrics.json figure (inference.runs.describe) is this one.
+    assert describe(model, guide, "cpu")["posterior_bytes"] == memory_bytes(guide)
     # The point dict is those buffers: adding it to the guide (as the BNN benchmark once did for
     # the first layer) adds nothing.
     assert memory_bytes({"guide": guide, "point": guide.point}) == memory_bytes(guide)
