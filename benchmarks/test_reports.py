@@ -10,6 +10,7 @@ import math
 
 import bnn
 import pytest
+import scaling
 from common import EpochClock, fmt_mean_se, mean_se, new_report, read_json, write, write_json
 
 
@@ -81,3 +82,41 @@ def test_bnn_markdown_renders_the_report_read_back_from_its_json(tmp_path, split
     written = (tmp_path / "bnn.md").read_text()
     assert bnn.markdown(back) == written
     assert f"| plain PyTorch MLP | {rmse} | n/a | 1,000 | 1.0 |" in written
+
+
+def _fake_scaling_report() -> dict:
+    """The keys ``scaling.markdown`` reads; the two-rank row of the GPU case did not run (NaN)."""
+    cfg = scaling.Config(pairs=("vae",), batch_sizes=(100,))
+    env = {"hardware": "CPU, 1 CPU threads", "cpu_count": 2, "torch_threads": 1, "omp_num_threads": "1",
+           "load_average_at_start": (2.0, 2.0, 2.0), "versions": {"torch": "2", "lightning": "2.6"}}
+    report = new_report("scaling", cfg, env)
+    report.update(seconds=30.0, load_average_at_end=(3.0, 3.0, 3.0), num_train=4000,
+                  networks="VAE 784-400-50")
+    # Epochs of 1.0 s (loop), 1.04 s (one rank) and 0.625 s (two ranks, 1.25 CPU-s together) over
+    # 4,000 examples: 4,000 and 6,400 examples/s, efficiency 6,400 / (2 x 4,000) = 0.80, against one
+    # rank 6,400 / (2 x 4,000 / 1.04) = 0.83; CPU efficiency (4,000 / 1.25) / 4,000 = 0.80.
+    runs = {mode: [{"epoch_seconds": wall, "cpu_epoch_seconds": cpu, "startup_seconds": 0.5,
+                    "winddown_seconds": 0.1, "num_train": 4000, "final_train_elbo": -100.0}]
+            for mode, wall, cpu in zip(scaling.MODES, (1.0, 1.04, 0.625), (1.0, 1.04, 1.25), strict=True)}
+    report["results"] = scaling.tabulate({"vae": {"100": runs}})
+    return report
+
+
+def test_scaling_markdown_renders_the_report_read_back_from_its_json(tmp_path):
+    report = _fake_scaling_report()
+    ratios = report["results"]["vae"]["100"]["ratios"]
+    assert ratios["efficiency"] == pytest.approx(0.8) and ratios["overhead"] == pytest.approx(1.04)
+    write(report, tmp_path / "scaling", scaling.markdown)
+    back = read_json(tmp_path / "scaling.json")
+    written = (tmp_path / "scaling.md").read_text()
+    assert scaling.markdown(back) == written
+    assert "| VAE + AmortizedNormal | 100 | ddp x2 | 0.625 | 1.250 | 6,400 | 3,200 | 0.50 |" in written
+    assert "| VAE + AmortizedNormal | 100 | 0.80 | met | 0.83 | 0.80 | 1.04 | met |" in written
+
+
+def test_scaling_rows_without_runs_are_not_available():
+    rows = {mode: scaling.summarize([]) for mode in scaling.MODES}
+    assert math.isnan(scaling.ratios(rows)["efficiency"])
+    report = _fake_scaling_report()
+    report["results"]["vae"]["100"] = {"rows": rows, "ratios": scaling.ratios(rows)}
+    assert "| VAE + AmortizedNormal | 100 | n/a | n/a | n/a | n/a | n/a | n/a |" in scaling.markdown(report)
