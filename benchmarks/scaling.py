@@ -247,7 +247,27 @@ def ratios(rows: dict) -> dict:
     return {"efficiency": two["examples_per_second"] / (2 * loop["examples_per_second"]),
             "efficiency_vs_one_rank": two["examples_per_second"] / (2 * one["examples_per_second"]),
             "cpu_efficiency": two["examples_per_cpu_second"] / loop["examples_per_cpu_second"],
-            "overhead": one["epoch_seconds"] / loop["epoch_seconds"]}
+            "overhead": one["epoch_seconds"] / loop["epoch_seconds"],
+            "cpu_overhead": one["cpu_epoch_seconds"] / loop["cpu_epoch_seconds"]}
+
+
+def step_costs(loop_rows: dict, num_train: int) -> dict:
+    """The loop's CPU seconds per epoch as S a + N b (S = ceil(N / B) steps, N examples): a per
+    step whatever its size (Pyro's tracing, the optimizer's update of every parameter), b per
+    example; solved from the two largest batch sizes. Two ranks split the N b but each pays all
+    S a, so on two idle cores their epoch takes at least S a + N b / 2: the efficiency bound
+    (S a + N b) / (2 (S a + N b / 2)). A model fitted to two numbers, not a measurement."""
+    sizes = sorted(loop_rows, key=int)[-2:]
+    if len(sizes) < 2:
+        return {}
+    steps = [math.ceil(num_train / int(b)) for b in sizes]
+    cpu = [loop_rows[b]["cpu_epoch_seconds"] for b in sizes]
+    per_step = (cpu[0] - cpu[1]) / (steps[0] - steps[1])
+    per_example = (cpu[1] - steps[1] * per_step) / num_train
+    bound = {b: (s * per_step + num_train * per_example) / (2 * (s * per_step + num_train * per_example / 2))
+             for b, s in ((b, math.ceil(num_train / int(b))) for b in loop_rows)}
+    return {"per_step_cpu_seconds": per_step, "per_example_cpu_seconds": per_example,
+            "efficiency_bound": bound}
 
 
 def tabulate(runs: dict) -> dict:
@@ -255,6 +275,11 @@ def tabulate(runs: dict) -> dict:
                            "ratios": ratios(rows)}
                    for batch in by_batch}
             for pair, by_batch in runs.items()}
+
+
+def fixed_costs(results: dict, num_train: int) -> dict:
+    return {pair: step_costs({b: block["rows"]["loop"] for b, block in by_batch.items()}, num_train)
+            for pair, by_batch in results.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,8 +325,9 @@ def markdown(report: dict) -> str:
         f"overhead = s/epoch(ddp x1) / s/epoch(loop), target <= {TARGET_OVERHEAD}. CPU efficiency: "
         "examples per CPU-second of both ranks over the loop's (1 = no extra work).",
         "",
-        "| pair | B | efficiency | target | vs ddp x1 | CPU efficiency | overhead x1 | target |",
-        "|---|---:|---:|---|---:|---:|---:|---|",
+        "| pair | B | efficiency | target | vs ddp x1 | CPU efficiency | overhead x1 | target "
+        "| CPU overhead |",
+        "|---|---:|---:|---|---:|---:|---:|---|---:|",
     ]
     for pair, by_batch in report["results"].items():
         for batch, block in by_batch.items():
@@ -311,10 +337,30 @@ def markdown(report: dict) -> str:
                 f"{'n/a' if missing(r['efficiency']) else verdict(r['efficiency'] >= TARGET_EFFICIENCY)} | "
                 f"{_num(r['efficiency_vs_one_rank'])} | {_num(r['cpu_efficiency'])} | "
                 f"{_num(r['overhead'])} | "
-                f"{'n/a' if missing(r['overhead']) else verdict(r['overhead'] <= TARGET_OVERHEAD)} |")
+                f"{'n/a' if missing(r['overhead']) else verdict(r['overhead'] <= TARGET_OVERHEAD)} | "
+                f"{_num(r['cpu_overhead'])} |")
+    lines += fixed_cost_lines(report.get("fixed_costs", {}))
     if cfg["notes"]:
         lines += ["", *cfg["notes"]]
     return "\n".join(lines) + "\n"
+
+
+def fixed_cost_lines(costs: dict) -> list[str]:
+    """The per-step cost model of ``step_costs``, a sentence per pair."""
+    lines = []
+    for pair, cost in costs.items():
+        if not cost:
+            continue
+        bounds = ", ".join(f"{_num(bound)} at B={b}" for b, bound in cost["efficiency_bound"].items())
+        lines.append(f"{PAIR_NAMES[pair]}: the loop's CPU time is "
+                     f"{1000 * cost['per_step_cpu_seconds']:.1f} ms a step plus "
+                     f"{1e6 * cost['per_example_cpu_seconds']:.0f} µs an example (fitted to its "
+                     f"two batch sizes); every rank pays the per-step part in full, which bounds the "
+                     f"efficiency of two ranks on two idle cores to {bounds}.")
+    if lines:
+        lines = ["", "Why two ranks cannot double the throughput here (a model fitted to the loop's rows, "
+                 "not a measurement):", "", *(f"* {line}" for line in lines)]
+    return lines
 
 
 def environment(cfg: Config) -> dict:
@@ -363,6 +409,7 @@ def main(argv=None) -> dict:
     report["networks"] = (f"VAE {x_dim}-{cfg.vae_hidden}-{cfg.z_dim}, "
                           f"BNN {'-'.join(map(str, (x_dim, *cfg.bnn_hidden, dataset.num_classes)))}")
     report["results"] = tabulate(measure(cfg, train, dataset.num_classes))
+    report["fixed_costs"] = fixed_costs(report["results"], len(train["x"]))
     report.update(seconds=time.perf_counter() - started, load_average_at_end=os.getloadavg())
     write(report, RESULTS / ("scaling_quick" if cfg.quick else "scaling"), markdown)
     return report

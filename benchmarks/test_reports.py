@@ -111,7 +111,7 @@ def test_scaling_markdown_renders_the_report_read_back_from_its_json(tmp_path):
     written = (tmp_path / "scaling.md").read_text()
     assert scaling.markdown(back) == written
     assert "| VAE + AmortizedNormal | 100 | ddp x2 | 0.625 | 1.250 | 6,400 | 3,200 | 0.50 |" in written
-    assert "| VAE + AmortizedNormal | 100 | 0.80 | met | 0.83 | 0.80 | 1.04 | met |" in written
+    assert "| VAE + AmortizedNormal | 100 | 0.80 | met | 0.83 | 0.80 | 1.04 | met | 1.04 |" in written
 
 
 def test_scaling_rows_without_runs_are_not_available():
@@ -119,4 +119,19 @@ def test_scaling_rows_without_runs_are_not_available():
     assert math.isnan(scaling.ratios(rows)["efficiency"])
     report = _fake_scaling_report()
     report["results"]["vae"]["100"] = {"rows": rows, "ratios": scaling.ratios(rows)}
-    assert "| VAE + AmortizedNormal | 100 | n/a | n/a | n/a | n/a | n/a | n/a |" in scaling.markdown(report)
+    unavailable = "| VAE + AmortizedNormal | 100 | n/a | n/a | n/a | n/a | n/a | n/a | n/a |"
+    assert unavailable in scaling.markdown(report)
+
+
+def test_per_step_cost_and_the_efficiency_bound_it_sets():
+    # 4,000 examples: 40 steps at B=100 take 0.90 CPU-s, 8 steps at B=500 0.42 CPU-s, so a step
+    # costs (0.90 - 0.42) / 32 = 15 ms and the examples 0.42 - 8 x 0.015 = 0.30 s. Two ranks take
+    # at least S a + 0.15 s: bounds 0.90 / (2 x 0.75) = 0.60 and 0.42 / (2 x 0.27) = 0.778.
+    rows = {"100": {"cpu_epoch_seconds": 0.90}, "500": {"cpu_epoch_seconds": 0.42}}
+    cost = scaling.step_costs(rows, 4000)
+    assert cost["per_step_cpu_seconds"] == pytest.approx(0.015)
+    assert cost["per_example_cpu_seconds"] * 4000 == pytest.approx(0.30)
+    assert cost["efficiency_bound"] == pytest.approx({"100": 0.60, "500": 0.42 / 0.54})
+    assert scaling.step_costs({"100": rows["100"]}, 4000) == {}
+    line = scaling.fixed_cost_lines({"vae": cost})[-1]
+    assert "15.0 ms a step plus 75 µs an example" in line and "0.60 at B=100, 0.78 at B=500" in line
