@@ -264,6 +264,8 @@ def step_costs(loop_rows: dict, num_train: int) -> dict:
     cpu = [loop_rows[b]["cpu_epoch_seconds"] for b in sizes]
     per_step = (cpu[0] - cpu[1]) / (steps[0] - steps[1])
     per_example = (cpu[1] - steps[1] * per_step) / num_train
+    if not (per_step > 0 and per_example > 0):
+        return {}  # times too noisy (or too close) for the model: no bound rather than a wrong one
     bound = {b: (s * per_step + num_train * per_example) / (2 * (s * per_step + num_train * per_example / 2))
              for b, s in ((b, math.ceil(num_train / int(b))) for b in loop_rows)}
     return {"per_step_cpu_seconds": per_step, "per_example_cpu_seconds": per_example,

@@ -133,5 +133,7 @@ def test_per_step_cost_and_the_efficiency_bound_it_sets():
     assert cost["per_example_cpu_seconds"] * 4000 == pytest.approx(0.30)
     assert cost["efficiency_bound"] == pytest.approx({"100": 0.60, "500": 0.42 / 0.54})
     assert scaling.step_costs({"100": rows["100"]}, 4000) == {}
+    noisy = {"100": {"cpu_epoch_seconds": 0.40}, "500": {"cpu_epoch_seconds": 0.42}}  # a step < 0 s
+    assert scaling.step_costs(noisy, 4000) == {}
     line = scaling.fixed_cost_lines({"vae": cost})[-1]
     assert "15.0 ms a step plus 75 µs an example" in line and "0.60 at B=100, 0.78 at B=500" in line
