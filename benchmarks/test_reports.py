@@ -11,6 +11,7 @@ import math
 import bnn
 import overhead
 import pytest
+import scaling
 from common import EpochClock, fmt_mean_se, mean_se, new_report, read_json, write, write_json
 
 
@@ -141,3 +142,56 @@ def test_a_row_is_met_only_when_both_clocks_are_within_the_target():
     assert overhead.row_verdict(summary) == "met on wall time only"
     times["g"]["a"]["cpu"] = [1.5]
     assert overhead.row_verdict(overhead.summarize(row, times)) == "met"
+def _fake_scaling_report() -> dict:
+    """The keys ``scaling.markdown`` reads; the two-rank row of the GPU case did not run (NaN)."""
+    cfg = scaling.Config(pairs=("vae",), batch_sizes=(100,))
+    env = {"hardware": "CPU, 1 CPU threads", "cpu_count": 2, "torch_threads": 1, "omp_num_threads": "1",
+           "load_average_at_start": (2.0, 2.0, 2.0), "versions": {"torch": "2", "lightning": "2.6"}}
+    report = new_report("scaling", cfg, env)
+    report.update(seconds=30.0, load_average_at_end=(3.0, 3.0, 3.0), num_train=4000,
+                  networks="VAE 784-400-50")
+    # Epochs of 1.0 s (loop), 1.04 s (one rank) and 0.625 s (two ranks, 1.25 CPU-s together) over
+    # 4,000 examples: 4,000 and 6,400 examples/s, efficiency 6,400 / (2 x 4,000) = 0.80, against one
+    # rank 6,400 / (2 x 4,000 / 1.04) = 0.83; CPU efficiency (4,000 / 1.25) / 4,000 = 0.80.
+    runs = {mode: [{"epoch_seconds": wall, "cpu_epoch_seconds": cpu, "startup_seconds": 0.5,
+                    "winddown_seconds": 0.1, "num_train": 4000, "final_train_elbo": -100.0}]
+            for mode, wall, cpu in zip(scaling.MODES, (1.0, 1.04, 0.625), (1.0, 1.04, 1.25), strict=True)}
+    report["results"] = scaling.tabulate({"vae": {"100": runs}})
+    return report
+
+
+def test_scaling_markdown_renders_the_report_read_back_from_its_json(tmp_path):
+    report = _fake_scaling_report()
+    ratios = report["results"]["vae"]["100"]["ratios"]
+    assert ratios["efficiency"] == pytest.approx(0.8) and ratios["overhead"] == pytest.approx(1.04)
+    write(report, tmp_path / "scaling", scaling.markdown)
+    back = read_json(tmp_path / "scaling.json")
+    written = (tmp_path / "scaling.md").read_text()
+    assert scaling.markdown(back) == written
+    assert "| VAE + AmortizedNormal | 100 | ddp x2 | 0.625 | 1.250 | 6,400 | 3,200 | 0.50 |" in written
+    assert "| VAE + AmortizedNormal | 100 | 0.80 | met | 0.83 | 0.80 | 1.04 | met | 1.04 |" in written
+
+
+def test_scaling_rows_without_runs_are_not_available():
+    rows = {mode: scaling.summarize([]) for mode in scaling.MODES}
+    assert math.isnan(scaling.ratios(rows)["efficiency"])
+    report = _fake_scaling_report()
+    report["results"]["vae"]["100"] = {"rows": rows, "ratios": scaling.ratios(rows)}
+    unavailable = "| VAE + AmortizedNormal | 100 | n/a | n/a | n/a | n/a | n/a | n/a | n/a |"
+    assert unavailable in scaling.markdown(report)
+
+
+def test_per_step_cost_and_the_efficiency_bound_it_sets():
+    # 4,000 examples: 40 steps at B=100 take 0.90 CPU-s, 8 steps at B=500 0.42 CPU-s, so a step
+    # costs (0.90 - 0.42) / 32 = 15 ms and the examples 0.42 - 8 x 0.015 = 0.30 s. Two ranks take
+    # at least S a + 0.15 s: bounds 0.90 / (2 x 0.75) = 0.60 and 0.42 / (2 x 0.27) = 0.778.
+    rows = {"100": {"cpu_epoch_seconds": 0.90}, "500": {"cpu_epoch_seconds": 0.42}}
+    cost = scaling.step_costs(rows, 4000)
+    assert cost["per_step_cpu_seconds"] == pytest.approx(0.015)
+    assert cost["per_example_cpu_seconds"] * 4000 == pytest.approx(0.30)
+    assert cost["efficiency_bound"] == pytest.approx({"100": 0.60, "500": 0.42 / 0.54})
+    assert scaling.step_costs({"100": rows["100"]}, 4000) == {}
+    noisy = {"100": {"cpu_epoch_seconds": 0.40}, "500": {"cpu_epoch_seconds": 0.42}}  # a step < 0 s
+    assert scaling.step_costs(noisy, 4000) == {}
+    line = scaling.fixed_cost_lines({"vae": cost})[-1]
+    assert "15.0 ms a step plus 75 µs an example" in line and "0.60 at B=100, 0.78 at B=500" in line
