@@ -541,7 +541,8 @@ def _fit_on_ranks(job: _Job, **processes) -> FitResult:
     data = (job.train, job.valid)
     job.train = job.valid = None  # they travel apart, shared
     try:
-        outcome = launch(_rank_main, (job,), data, find_unused_parameters=unused, **processes)
+        outcome = launch(_rank_main, (job,), data, find_unused_parameters=unused,
+                         broadcast_buffers=_buffers_change(job), **processes)
     finally:
         job.train, job.valid = data
     job.model.load_state_dict(outcome["model"]), job.guide.load_state_dict(outcome["guide"])
@@ -555,6 +556,16 @@ def _fit_on_ranks(job: _Job, **processes) -> FitResult:
     job.model.eval(), job.guide.eval()
     return FitResult(history=outcome["history"], best_epoch=outcome["best_epoch"],
                      stopped_early=outcome["stopped_early"], run_dir=job.run_dir)
+
+
+def _buffers_change(job: _Job) -> bool:
+    """Whether model or guide hold buffers that training changes: batch normalization's running
+    statistics (the buffers of bayeszoo's own modules are constants: masks, anchors, fitted
+    posteriors), which the ranks must then share."""
+    from torch.nn.modules.batchnorm import _NormBase
+
+    return any(isinstance(module, _NormBase) and module.track_running_stats
+               for part in (job.model, job.guide) for module in part.modules())
 
 
 def _some_parameter_unused(job: _Job) -> bool:
