@@ -152,7 +152,7 @@ def _epoch_batches(size: int, batch_size: int, generator: torch.Generator) -> li
 
 class _Rows(torch.utils.data.Dataset):
     """A dict of tensors sharing their first dimension as a map-style dataset. ``__getitems__``
-    takes a whole index tensor: a minibatch is one indexing op per tensor, not one per example."""
+    takes a whole minibatch's indices: one indexing op per tensor, not one per example."""
 
     def __init__(self, data: dict):
         self.data = data
@@ -163,7 +163,7 @@ class _Rows(torch.utils.data.Dataset):
     def __getitem__(self, index) -> dict:
         return {k: v[index] for k, v in self.data.items()}
 
-    def __getitems__(self, index: torch.Tensor) -> dict:
+    def __getitems__(self, index: list[int]) -> dict:
         return self[index]
 
 
@@ -173,12 +173,12 @@ def _as_loaded(batch: dict) -> dict:
 
 
 class _Plan:
-    """The DataLoader's batch sampler: the index tensors it was last given, in order. The loop
+    """The DataLoader's batch sampler: the minibatches' indices it was last given, in order. The loop
     hands it each epoch's batches before iterating, so the loader follows the seeded permutation
     drawn in the training process and never draws random numbers of its own."""
 
     def __init__(self):
-        self.indices: list[torch.Tensor] = []
+        self.indices: list[list[int]] = []
 
     def __iter__(self):
         return iter(self.indices)
@@ -208,7 +208,9 @@ class _BatchLoader:
     def __call__(self, indices: list[torch.Tensor]):
         if self.loader is None:
             return ({k: v[index] for k, v in self.data.items()} for index in indices)
-        self.plan.indices = indices
+        # Lists of ints travel to the workers pickled; tensors would each take a shared-memory
+        # segment (measured: an mnist5k epoch's batches in 174 ms against 384 ms, 2 workers).
+        self.plan.indices = [index.tolist() for index in indices]
         return iter(self.loader)
 
     def __enter__(self) -> _BatchLoader:
