@@ -20,10 +20,18 @@ def fresh_pyro():
 
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch):
-    """CI has no network: a test that tries to connect anywhere fails loudly here too."""
+    """CI has no network: a test that tries to connect anywhere fails loudly here too. Unix
+    sockets stay open: they are how DataLoader workers pass their batches' shared memory."""
 
     def refuse(*args, **kwargs):
         raise RuntimeError("tests must not reach the network")
 
-    monkeypatch.setattr(socket.socket, "connect", refuse)
+    local_connect = socket.socket.connect
+
+    def connect(sock, address):
+        if sock.family == getattr(socket, "AF_UNIX", None):
+            return local_connect(sock, address)
+        return refuse()
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
     monkeypatch.setattr(socket, "create_connection", refuse)
