@@ -2,12 +2,16 @@
 
     bayeszoo list
     bayeszoo fit vae --guide rank1 --data mnist5k --epochs 20
+    bayeszoo fit --from runs/vae-rank1-mnist5k-seed0 --seed 1   # rerun a saved config, one flag changed
     bayeszoo evaluate runs/vae-rank1-mnist5k-seed0
     bayeszoo compare vae --guides amortized,rank1,planar,iaf,vlae --data mnist5k --epochs 20
 
 The flags are the registry's options (``inference.registry``); a flag that does not apply to the
 chosen pair is an error. Names, pairs and values are checked before any data is loaded or any
-file is written; a bad one exits with status 2 and one line. Torch and Pyro are imported only by
+file is written; a bad one exits with status 2 and one line. ``fit --from RUN`` starts from the
+settled options in ``RUN/config.json`` (model, guide and dataset included); every flag given
+beside it, and a model, ``--guide`` or ``--data``, overrides the saved value; saved options that a
+newly named pair does not have are dropped. Torch and Pyro are imported only by
 the commands that train or score.
 """
 
@@ -30,6 +34,7 @@ COMMAND_FLAGS = (
     "guides",
     "run",
     "command",
+    "from_run",
     "model",
     "guide",
     "data",
@@ -117,9 +122,16 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("list", help="models, guides, valid pairs and datasets")
 
     fit_cmd = commands.add_parser("fit", help="fit a model/guide pair and write a run folder")
-    fit_cmd.add_argument("model", help="a model name (see `bayeszoo list`)")
-    fit_cmd.add_argument("--guide", required=True, help="a guide that fits the model")
-    fit_cmd.add_argument("--data", required=True, help="a dataset of the model's family")
+    fit_cmd.add_argument("model", nargs="?", help="a model name (see `bayeszoo list`)")
+    fit_cmd.add_argument("--guide", help="a guide that fits the model")
+    fit_cmd.add_argument("--data", help="a dataset of the model's family")
+    fit_cmd.add_argument(
+        "--from",
+        dest="from_run",
+        type=Path,
+        metavar="RUN",
+        help="rerun the config saved in the run folder RUN; the flags given beside it override it",
+    )
     _add_run_flags(fit_cmd, "run folder (default: runs/MODEL-GUIDE-DATA-seedN)")
     _add_pair_options(fit_cmd)
 
@@ -226,10 +238,15 @@ def _fit(args) -> int:
 
     given = _given(args)
     device = given.pop("device", "cpu")
-    config = runs.plan(args.model, args.guide, args.data, **given)
+    if args.from_run is not None:
+        config = runs.replan(args.from_run, args.model, args.guide, args.data, **given)
+    elif None in (args.model, args.guide, args.data):
+        raise UsageError("fit needs MODEL, --guide and --data, or --from RUN")
+    else:
+        config = runs.plan(args.model, args.guide, args.data, **given)
     _check_device(device)
     run_dir = args.out or Path("runs") / _run_name(config)
-    family = registry.resolve(registry.family_of(args.model).behaviour)
+    family = registry.resolve(registry.family_of(config["model"]).behaviour)
     run = runs.fit_run(
         config,
         run_dir,

@@ -176,6 +176,10 @@ class ImageFamily(_LatentVariables):
             binarize = "dynamic" if options.get("likelihood", "gaussian") == "bernoulli" else "none"
         return {"binarize": None if binarize == "none" else binarize}
 
+    def given_data_options(self, settled: dict) -> dict:
+        """The options that settle to ``settled`` again (a rerun of a saved config)."""
+        return {"binarize": settled["binarize"] or "none"}
+
     def summary(self, scores: dict) -> str:
         return (
             f"test: IS log-likelihood {scores['is_log_likelihood']:.2f} nats "
@@ -221,6 +225,9 @@ class SequenceFamily(_LatentVariables):
     def settle_data_options(self, options: dict) -> dict:
         return {}
 
+    def given_data_options(self, settled: dict) -> dict:
+        return dict(settled)
+
     def summary(self, scores: dict) -> str:
         return (
             f"test: IS log-likelihood {scores['is_log_likelihood_per_step']:.3f} nats per time "
@@ -248,6 +255,9 @@ class SupervisedFamily:
 
     def settle_data_options(self, options: dict) -> dict:
         return {"split": options.get("split", 0)}
+
+    def given_data_options(self, settled: dict) -> dict:
+        return dict(settled)
 
     def training_data(self, dataset, inputs) -> dict:
         return {"train": dataset.train, "valid": dataset.valid, "batch_transform": None}
