@@ -18,7 +18,10 @@ the commands that train or score.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import sys
+import warnings
 from pathlib import Path
 
 from bayeszoo.inference import registry
@@ -167,6 +170,50 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    with _epoch_lines_to_stderr(), _torch_jit_notes_hidden():
+        return _command(args)
+
+
+class _TqdmHandler(logging.Handler):
+    """Writes each record to stderr through ``tqdm.write``, which clears and redraws the bars
+    around it, so a line never lands inside a progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # logging's own contract: a handler never raises
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def _epoch_lines_to_stderr():
+    """The library's INFO lines (one per epoch, one per guide of a comparison) on stderr, bars or
+    not: ``--no-progress`` hides the bars only. Removed again on the way out, so a caller that
+    runs ``main`` twice (the tests) gets each line once."""
+    logger = logging.getLogger("bayeszoo")
+    handler, level = _TqdmHandler(logging.INFO), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def _torch_jit_notes_hidden():
+    """Torch 2.14 deprecates ``torch.jit`` and says so with a FutureWarning from its own modules
+    whenever Pyro uses it: notes on torch's internals, not on the user's run. Only those are hidden;
+    every other warning still shows."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit(\.|$)")
+        yield
+
+
+def _command(args) -> int:
     try:
         if args.command == "list":
             return _list()

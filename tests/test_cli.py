@@ -63,6 +63,7 @@ def test_fit_writes_a_run_folder_that_evaluate_reads(capsys, tmp_path):
                    "manifold.png"):
         assert (run / figure).stat().st_size > 1000
     # a second fit into the same folder must not silently overwrite it
+    capsys.readouterr()  # the first fit's epoch lines
     assert "--resume" in _fails(capsys, argv)
     assert main(["evaluate", str(run), "--is-samples", "20"]) == 0
     evaluation = json.loads((run / "evaluation.json").read_text())
@@ -276,3 +277,41 @@ def test_the_figures_a_run_writes_are_readable(tmp_path, monkeypatch):
     assert {"training.png", "reconstructions.png", "samples.png", "latent.png", "manifold.png",
             "predictive.png"} <= set(saved)
     assert all(not found for found in problems.values()), problems
+
+
+def test_no_progress_hides_the_bars_but_keeps_the_epoch_lines(capsys, tmp_path):
+    argv = ["fit", "vae", "--guide", "amortized", "--data", "digits", "--epochs", "2", "--hidden", "16",
+            "--is-samples", "5", "--out", str(tmp_path / "run")]
+    assert main([*argv, "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("epoch ")]
+    assert [line.split(":")[0] for line in lines] == ["epoch 1", "epoch 2"]
+    assert all("train ELBO" in line and "valid ELBO" in line for line in lines)
+    assert "it/s" not in err and "\r" not in err and "%|" not in err  # no tqdm bar
+    import logging
+
+    assert not any(isinstance(h, logging.StreamHandler) for h in logging.getLogger("bayeszoo").handlers)
+
+
+def test_torch_jit_future_warnings_do_not_reach_the_command_line(monkeypatch):
+    """Torch's own torch.jit deprecation notes are hidden; a FutureWarning from anywhere else shows."""
+    import warnings
+
+    import torch
+
+    from bayeszoo.inference import cli
+
+    def fit_that_warns(args):
+        torch.jit.wait(torch.jit.fork(abs, -1))  # each warns from torch.jit._async
+        warnings.warn("a note of the user's own", FutureWarning, stacklevel=1)
+        return 0
+
+    monkeypatch.setattr(cli, "_fit", fit_that_warns)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["fit", "vae", "--guide", "amortized", "--data", "digits"]) == 0
+    assert [str(w.message) for w in caught] == ["a note of the user's own"]
+    with warnings.catch_warnings(record=True) as caught:  # the same call outside the command warns
+        warnings.simplefilter("always")
+        torch.jit.wait(torch.jit.fork(abs, -1))
+    assert [w.category for w in caught] == [FutureWarning, FutureWarning]
