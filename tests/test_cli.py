@@ -315,3 +315,17 @@ def test_torch_jit_future_warnings_do_not_reach_the_command_line(monkeypatch):
         warnings.simplefilter("always")
         torch.jit.wait(torch.jit.fork(abs, -1))
     assert [w.category for w in caught] == [FutureWarning, FutureWarning]
+
+
+def test_the_nile_through_the_command_line_gives_chapter_10s_fit(tmp_path):
+    """`fit local-level --guide kalman --data nile` is the chapter's maximum-likelihood fit: Durbin &
+    Koopman (2012, ch. 2) report sigma2_eps = 15099, sigma2_eta = 1469.1, log L = -632.54."""
+    run = tmp_path / "nile"
+    assert main(["fit", "local-level", "--guide", "kalman", "--data", "nile", "--out", str(run)]) == 0
+    test = json.loads((run / "metrics.json").read_text())["test"]
+    assert test["fitted"]["R"] == pytest.approx(15099, rel=2e-4)       # sigma2_eps
+    assert test["fitted"]["Q"] == pytest.approx(1469.1, rel=1e-3)      # sigma2_eta
+    assert test["log_likelihood"] == pytest.approx(-632.54, abs=0.01)
+    assert test["steps_scored"] == 99 and test["exact"] and "in-sample" in test["note"]
+    assert main(["evaluate", str(run)]) == 0  # the saved model scores the same again
+    assert json.loads((run / "evaluation.json").read_text())["log_likelihood"] == test["log_likelihood"]
