@@ -26,6 +26,11 @@ Nothing here clears or fills Pyro's global parameter store for you.
 
 from __future__ import annotations
 
+import logging
+
+# Training logs a line per epoch to the "bayeszoo" loggers; where they go is the application's choice.
+logging.getLogger("bayeszoo").addHandler(logging.NullHandler())
+
 __version__ = "0.1.0"
 __all__ = ["__version__", "compare", "evaluate", "fit", "list_pairs", "load_run"]
 

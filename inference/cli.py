@@ -2,19 +2,26 @@
 
     bayeszoo list
     bayeszoo fit vae --guide rank1 --data mnist5k --epochs 20
+    bayeszoo fit --from runs/vae-rank1-mnist5k-seed0 --seed 1   # rerun a saved config, one flag changed
     bayeszoo evaluate runs/vae-rank1-mnist5k-seed0
     bayeszoo compare vae --guides amortized,rank1,planar,iaf,vlae --data mnist5k --epochs 20
 
 The flags are the registry's options (``inference.registry``); a flag that does not apply to the
 chosen pair is an error. Names, pairs and values are checked before any data is loaded or any
-file is written; a bad one exits with status 2 and one line. Torch and Pyro are imported only by
+file is written; a bad one exits with status 2 and one line. ``fit --from RUN`` starts from the
+settled options in ``RUN/config.json`` (model, guide and dataset included); every flag given
+beside it, and a model, ``--guide`` or ``--data``, overrides the saved value; saved options that a
+newly named pair does not have are dropped. Torch and Pyro are imported only by
 the commands that train or score.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import sys
+import warnings
 from pathlib import Path
 
 from bayeszoo.inference import registry
@@ -30,6 +37,7 @@ COMMAND_FLAGS = (
     "guides",
     "run",
     "command",
+    "from_run",
     "model",
     "guide",
     "data",
@@ -117,9 +125,16 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("list", help="models, guides, valid pairs and datasets")
 
     fit_cmd = commands.add_parser("fit", help="fit a model/guide pair and write a run folder")
-    fit_cmd.add_argument("model", help="a model name (see `bayeszoo list`)")
-    fit_cmd.add_argument("--guide", required=True, help="a guide that fits the model")
-    fit_cmd.add_argument("--data", required=True, help="a dataset of the model's family")
+    fit_cmd.add_argument("model", nargs="?", help="a model name (see `bayeszoo list`)")
+    fit_cmd.add_argument("--guide", help="a guide that fits the model")
+    fit_cmd.add_argument("--data", help="a dataset of the model's family")
+    fit_cmd.add_argument(
+        "--from",
+        dest="from_run",
+        type=Path,
+        metavar="RUN",
+        help="rerun the config saved in the run folder RUN; the flags given beside it override it",
+    )
     _add_run_flags(fit_cmd, "run folder (default: runs/MODEL-GUIDE-DATA-seedN)")
     _add_pair_options(fit_cmd)
 
@@ -155,6 +170,50 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    with _epoch_lines_to_stderr(), _torch_jit_notes_hidden():
+        return _command(args)
+
+
+class _TqdmHandler(logging.Handler):
+    """Writes each record to stderr through ``tqdm.write``, which clears and redraws the bars
+    around it, so a line never lands inside a progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # logging's own contract: a handler never raises
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def _epoch_lines_to_stderr():
+    """The library's INFO lines (one per epoch, one per guide of a comparison) on stderr, bars or
+    not: ``--no-progress`` hides the bars only. Removed again on the way out, so a caller that
+    runs ``main`` twice (the tests) gets each line once."""
+    logger = logging.getLogger("bayeszoo")
+    handler, level = _TqdmHandler(logging.INFO), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def _torch_jit_notes_hidden():
+    """Torch 2.14 deprecates ``torch.jit`` and says so with a FutureWarning from its own modules
+    whenever Pyro uses it: notes on torch's internals, not on the user's run. Only those are hidden;
+    every other warning still shows."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit(\.|$)")
+        yield
+
+
+def _command(args) -> int:
     try:
         if args.command == "list":
             return _list()
@@ -226,10 +285,15 @@ def _fit(args) -> int:
 
     given = _given(args)
     device = given.pop("device", "cpu")
-    config = runs.plan(args.model, args.guide, args.data, **given)
+    if args.from_run is not None:
+        config = runs.replan(args.from_run, args.model, args.guide, args.data, **given)
+    elif None in (args.model, args.guide, args.data):
+        raise UsageError("fit needs MODEL, --guide and --data, or --from RUN")
+    else:
+        config = runs.plan(args.model, args.guide, args.data, **given)
     _check_device(device)
     run_dir = args.out or Path("runs") / _run_name(config)
-    family = registry.resolve(registry.family_of(args.model).behaviour)
+    family = registry.resolve(registry.family_of(config["model"]).behaviour)
     run = runs.fit_run(
         config,
         run_dir,

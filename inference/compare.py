@@ -50,16 +50,18 @@ others carry on; a bad name, pair or option fails before any data is loaded.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
 import pyro
 import torch
-from tqdm import tqdm
 
 from bayeszoo.inference import registry, runs
 from bayeszoo.inference.report import describe_hardware, write_csv
 from bayeszoo.inference.svi import NonFiniteLossError
+
+LOG = logging.getLogger(__name__)
 
 FIGURE_COLUMNS = 10
 GAP_COLOUR = "#5b8fd6"
@@ -125,8 +127,7 @@ def compare(
     family = registry.resolve(registry.family_of(model).behaviour)
     rows, panels = [], {}
     for index, (name, config) in enumerate(configs.items()):
-        if progress:
-            tqdm.write(f"[{index + 1}/{len(configs)}] {model} + {name}")
+        LOG.info("[%d/%d] %s + %s", index + 1, len(configs), model, name)
         row, run = _run_guide(config, dataset, out / name, device, progress, resume)
         rows.append(row)
         if run is not None and family.compare_images:

@@ -71,6 +71,23 @@ def lgssm(dataset, z_dim):
     return LinearGaussianSSM(dataset.x_dim, z_dim, dataset.u_dim)
 
 
+def local_level(dataset):
+    """Durbin & Koopman's local level model (``models.dkf.local_level_model``), started where
+    chapter 10 starts it (sigma2_eps = 10^4, sigma2_eta = 10^3): only the two variances are
+    trained, and its first observation, seen through the diffuse alpha_1 ~ N(0, 10^7), is left
+    out of the log-likelihood."""
+    from bayeszoo.inference.registry import RegistryError
+    from bayeszoo.models.dkf import local_level_model
+
+    if dataset.x_dim != 1 or dataset.u_dim:
+        raise RegistryError(f"local-level models one series of numbers; {dataset.name} has x_dim "
+                            f"{dataset.x_dim} and u_dim {dataset.u_dim}")
+    model = local_level_model(sigma2_eps=10000.0, sigma2_eta=1000.0).requires_grad_(False)
+    model.dynamics.raw_R.requires_grad_(True), model.dynamics.raw_Q.requires_grad_(True)
+    model.diffuse_steps = 1
+    return model
+
+
 def bnn(dataset, hidden, likelihood, prior, noise):
     """An MLP with the likelihood the task needs (classification: categorical)."""
     from bayeszoo.models.bnn import BayesianNeuralNetwork
@@ -94,6 +111,11 @@ def cvae_inputs(batch, dataset, options):
 
 def sequence_inputs(batch, dataset, options):
     return {k: batch[k] for k in ("x", "mask", "u") if k in batch}
+
+
+def local_level_inputs(batch, dataset, options):
+    """The local level model computes in float64 (flows ~10^3 against a prior variance of 10^7)."""
+    return {k: v.double() if k == "x" else v for k, v in sequence_inputs(batch, dataset, options).items()}
 
 
 def supervised_inputs(batch, dataset, options):
@@ -202,6 +224,10 @@ class ImageFamily(_LatentVariables):
             binarize = "dynamic" if options.get("likelihood", "gaussian") == "bernoulli" else "none"
         return {"binarize": None if binarize == "none" else binarize}
 
+    def given_data_options(self, settled: dict) -> dict:
+        """The options that settle to ``settled`` again (a rerun of a saved config)."""
+        return {"binarize": settled["binarize"] or "none"}
+
     def summary(self, scores: dict) -> str:
         return (
             f"test: IS log-likelihood {scores['is_log_likelihood']:.2f} nats "
@@ -247,7 +273,26 @@ class SequenceFamily(_LatentVariables):
     def settle_data_options(self, options: dict) -> dict:
         return {}
 
+    def given_data_options(self, settled: dict) -> dict:
+        return dict(settled)
+
+    def score(self, model, guide, dataset, inputs, scoring: dict, device: str, progress: bool) -> dict:
+        """Importance-sampled scores, or the exact ones where the posterior is exact (``kalman``);
+        a dataset whose splits are not disjoint says so beside them."""
+        if getattr(guide, "exact", False):
+            scores = guide.scores(self.evaluation_split(dataset, inputs, "test"))
+        else:
+            scores = super().score(model, guide, dataset, inputs, scoring, device, progress)
+        return {**scores, "note": dataset.note} if dataset.note else scores
+
     def summary(self, scores: dict) -> str:
+        if scores.get("exact"):
+            fitted = ", ".join(f"{k} {v:.6g}" for k, v in scores["fitted"].items() if isinstance(v, float))
+            return (
+                f"test: exact log-likelihood {scores['log_likelihood']:.2f} nats per sequence "
+                f"({scores['log_likelihood_per_step']:.4f} per step, the first "
+                f"{scores['diffuse_steps_left_out']} left out); fitted {fitted}"
+            )
         return (
             f"test: IS log-likelihood {scores['is_log_likelihood_per_step']:.3f} nats per time "
             f"step (K={scores['is_samples']}), ELBO {scores['elbo_per_step']:.3f} per step, "
@@ -255,7 +300,7 @@ class SequenceFamily(_LatentVariables):
         )
 
     def figures(self, model, guide, dataset, inputs, history) -> dict:
-        return {"training.png": plots.training_curves(history)}
+        return {"training.png": plots.training_curves(history)} if history else {}
 
     def table(self, dataset):
         from bayeszoo.inference.report import sequence_table
@@ -274,6 +319,9 @@ class SupervisedFamily:
 
     def settle_data_options(self, options: dict) -> dict:
         return {"split": options.get("split", 0)}
+
+    def given_data_options(self, settled: dict) -> dict:
+        return dict(settled)
 
     def training_data(self, dataset, inputs) -> dict:
         return {"train": dataset.train, "valid": dataset.valid, "batch_transform": None}

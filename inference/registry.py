@@ -245,7 +245,7 @@ FAMILIES: dict[str, Family] = {
         ),
         Family(
             STATE_SPACE,
-            ("linear-gaussian", "pendulum", "jsb"),
+            ("linear-gaussian", "pendulum", "jsb", "nile"),
             "bayeszoo.inference.families:SEQUENCES",
             score_options=(IS_SAMPLES,),
         ),
@@ -343,6 +343,13 @@ MODELS: dict[str, ModelEntry] = {
             _M + "lgssm",
             (Z_DIM.default_to(1),),
             inputs=_M + "sequence_inputs",
+        ),
+        ModelEntry(
+            "local-level",
+            STATE_SPACE,
+            "local level model: a random walk seen through noise, the Nile's (Durbin & Koopman 2012)",
+            _M + "local_level",
+            inputs=_M + "local_level_inputs",
         ),
         ModelEntry(
             "bnn",
@@ -449,6 +456,7 @@ def _inference_network(structure: str, aliases: tuple[str, ...] = ()) -> GuideEn
         options=_SEQUENCE_NET,
         build_kwargs={"structure": structure},
         aliases=aliases,
+        excludes=("local-level",),  # a float64 model of two variances: fitted exactly, by kalman
     )
 
 
@@ -509,6 +517,20 @@ GUIDES: dict[str, GuideEntry] = {
         # state-space family: structured inference networks
         *[_inference_network(name) for name in ("mf-l", "mf-lr", "st-l", "st-lr")],
         _inference_network("st-r", aliases=("dks",)),
+        GuideEntry(
+            "kalman",
+            (STATE_SPACE,),
+            "exact posterior (Kalman filter, RTS smoother); the model by maximum likelihood, L-BFGS",
+            _G + "kalman:KalmanPosterior",
+            _T + "maximum_likelihood",
+            (),
+            train_options=(
+                Option(
+                    "lbfgs_iterations", int, 50, "L-BFGS iterations on the exact log p(x)", check=_positive
+                ),
+            ),
+            excludes=("dmm",),  # needs a linear-Gaussian model
+        ),
         # Bayesian neural networks: guides over the weights
         GuideEntry(
             "map",

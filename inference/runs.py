@@ -82,6 +82,54 @@ def plan(model: str, guide: str, data: str, **options) -> dict:
     }
 
 
+def replan(run_dir: str | os.PathLike, model: str | None = None, guide: str | None = None,
+           data: str | None = None, **overrides) -> dict:
+    """The config of a rerun of the run in ``run_dir`` (``bayeszoo fit --from RUN``): its saved
+    options with ``overrides`` in their place, and its model, guide and dataset unless given.
+    Saved options that a newly named pair does not have are dropped; an override it does not have
+    is an error. Raises ``RunError`` for a folder whose config cannot be rerun as saved, before
+    anything is loaded or written."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunError(f"{run_dir}: no such run folder")
+    config = read_config(run_dir)
+    saved = saved_options(config)
+    try:
+        for name, option in registry.pair_options(config["model"], config["guide"]).items():
+            if saved.get(name) is not None:
+                _check_saved_type(option, saved[name])
+        plan(config["model"], config["guide"], config["data"], **saved)  # the saved values still hold
+    except (TypeError, ValueError) as error:  # RegistryError is a ValueError
+        raise RunError(f"{run_dir / CONFIG} cannot be rerun: {error}") from None
+    model, guide, data = model or config["model"], guide or config["guide"], data or config["data"]
+    registry.check_pair(model, guide, data)
+    declared = registry.pair_options(model, guide)
+    kept = {name: value for name, value in saved.items() if name in declared}
+    return plan(model, guide, data, **{**kept, **overrides})
+
+
+def saved_options(config: dict) -> dict:
+    """A config's settled options as ``plan``'s keywords, which settle to the same config again."""
+    behaviour = registry.resolve(registry.family_of(config["model"]).behaviour)
+    return {
+        **behaviour.given_data_options(config["data_options"]),
+        **config["options"],
+        **config["fit"],
+        **config["scoring"],
+    }
+
+
+def _check_saved_type(option: registry.Option, value) -> None:
+    """JSON holds numbers, strings, booleans and lists: each option's value must be its kind."""
+    kinds = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}
+    if option.type in kinds:
+        fits = isinstance(value, kinds[option.type]) and (option.type is bool or not isinstance(value, bool))
+    else:  # a comma-separated list of sizes, saved as a JSON list
+        fits = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    if not fits:
+        raise TypeError(f"{option.name} is {value!r}, not a value of {option.flag}")
+
+
 def _jsonable(value):
     return list(value) if isinstance(value, tuple) else value
 

@@ -20,6 +20,7 @@ default, never starts Fabric.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import time
@@ -51,6 +52,9 @@ from bayeszoo.inference.distributed import (
 
 CHECKPOINT = "checkpoint.pt"
 FINAL_WEIGHTS = "weights.pt"
+#: One INFO record per epoch ("epoch 3: train ELBO ..."), progress bar or not; the library adds no
+#: handler, so they show where the caller's logging sends them (the bayeszoo command: stderr).
+LOG = logging.getLogger(__name__)
 
 
 class Stateful(Protocol):
@@ -472,8 +476,8 @@ def _train_with(job: _Job, device, ranks: _Ranks | None, loader: _BatchLoader) -
             row["valid_elbo"] = score(model, guide, job.valid, device=device, num_data=num_train,
                                       num_particles=job.num_particles, elbo=job.elbo)
         progress_so_far.record(row, model, guide)
-        if job.progress and writes:
-            tqdm.write(_describe(row))
+        if writes:
+            LOG.info(_describe(row))
         if checkpoint_path is not None and writes:
             save_atomically(_checkpoint_state(model, guide, opt, schedule, generator, epoch, result,
                                                progress_so_far.bad_epochs, progress_so_far.best_state,

@@ -17,6 +17,7 @@ the scores and the ArviZ diagnostics treat every method alike.
     sgld, sghmc                the sampler as fit's optimizer, thinned draws            WeightSamples
     nuts                       NUTS chains (optionally from a MAP fit)                  WeightSamples
     tradi                      MAP by Adam while a Kalman filter tracks every weight    TradiGuide
+    maximum_likelihood         a linear-Gaussian SSM's exact log p(x), L-BFGS           KalmanPosterior
 
 The mean-field trainers use ``TraceMeanField_ELBO``: the KL from q(w) to a Gaussian prior in
 closed form, as Kingma et al. (2015) do, rather than Blundell et al.'s Monte-Carlo
@@ -415,6 +416,29 @@ class _NutsChain:
             run_dir=budget.get("run_dir"),
             resume=budget.get("resume", False),
         )
+
+
+def maximum_likelihood(model, guide, data, options, budget):
+    """The model's trainable parameters by maximum likelihood: L-BFGS (strong Wolfe line search)
+    on the Kalman filter's exact log p(x) of the whole training split, less the first
+    ``model.diffuse_steps`` terms of each sequence. The posterior is then exact: the guide,
+    a ``guides.kalman.KalmanPosterior``, holds no parameters of its own."""
+    device = budget.get("device", "cpu")
+    model.to(device)
+    train = {k: v.to(device) for k, v in data["batch_transform"](data["train"], None).items()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    lbfgs = torch.optim.LBFGS(params, max_iter=options["lbfgs_iterations"], tolerance_grad=1e-9,
+                              line_search_fn="strong_wolfe")
+
+    def negative_log_likelihood():
+        lbfgs.zero_grad()
+        loss = -model.log_likelihood(**train, skip_first=guide.diffuse_steps).sum()
+        loss.backward()
+        return loss
+
+    lbfgs.step(negative_log_likelihood)
+    model.eval()
+    return guide, None
 
 
 # ------------------------------------------------------------------------ fitted posteriors

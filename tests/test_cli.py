@@ -64,6 +64,7 @@ def test_fit_writes_a_run_folder_that_evaluate_reads(capsys, tmp_path):
                    "manifold.png"):
         assert (run / figure).stat().st_size > 1000
     # a second fit into the same folder must not silently overwrite it
+    capsys.readouterr()  # the first fit's epoch lines
     assert "--resume" in _fails(capsys, argv)
     assert main(["evaluate", str(run), "--is-samples", "20"]) == 0
     evaluation = json.loads((run / "evaluation.json").read_text())
@@ -97,6 +98,8 @@ def test_state_space_fit_reports_nats_per_time_step(tmp_path):
 
 def _corrupt_run(tmp_path, what: str):
     run = tmp_path / what
+    if what == "missing":
+        return str(run)
     run.mkdir()
     if what == "malformed":
         (run / "config.json").write_text("{not json")
@@ -106,7 +109,23 @@ def _corrupt_run(tmp_path, what: str):
         from bayeszoo.inference.runs import plan
 
         (run / "config.json").write_text(json.dumps(plan("vae", "amortized", "digits")))
+    elif what in _BROKEN_CONFIGS:  # a config.json naming what does not exist
+        from bayeszoo.inference.runs import plan
+
+        config = plan("vae", "amortized", "digits")
+        section, key, value = _BROKEN_CONFIGS[what]
+        (config[section] if section else config)[key] = value
+        (run / "config.json").write_text(json.dumps(config))
     return str(run)
+
+
+_BROKEN_CONFIGS = {
+    "unknown-model": (None, "model", "gan"),
+    "unknown-guide": (None, "guide", "magic"),
+    "unknown-option": ("options", "wings", 2),
+    "bad-value": ("fit", "epochs", "ten"),
+    "out-of-range": ("fit", "lr", -1.0),
+}
 
 
 FIT = ["fit", "vae", "--guide", "amortized", "--data", "digits"]
@@ -143,12 +162,26 @@ BNN = ["fit", "bnn", "--guide", "map", "--data", "gap"]
     (["evaluate", "unfinished"], "not a finished run folder"),
     (["evaluate", "unfinished", "--predictive-samples", "5"], "--predictive-samples does not apply"),
     ([*FIT, "--no-such-flag"], "unrecognized arguments"),
+    (["fit", "vae", "--guide", "amortized"], "fit needs MODEL, --guide and --data, or --from RUN"),
+    (["fit", "--from", "@missing"], "no such run folder"),                # fit --from a bad folder
+    (["fit", "--from", "@empty"], "not a finished run folder (no config.json)"),
+    (["fit", "--from", "@malformed"], "is not a bayeszoo run config"),
+    (["fit", "--from", "@foreign"], "is not a bayeszoo run config"),
+    (["fit", "--from", "@unknown-model"], "unknown model 'gan'"),
+    (["fit", "--from", "@unknown-guide"], "unknown guide 'magic'"),
+    (["fit", "--from", "@unknown-option"], "cannot be rerun: --wings does not apply to vae"),
+    (["fit", "--from", "@bad-value"], "cannot be rerun: epochs is 'ten'"),
+    (["fit", "--from", "@out-of-range"], "cannot be rerun: --lr must be positive"),
+    (["fit", "--from", "@unfinished", "--members", "3"], "--members does not apply to vae"),
+    (["fit", "--from", "@unfinished", "--guide", "nuts"], "guide 'nuts' does not fit model 'vae'"),
+    (["fit", "--from", "@unfinished", "--epochs", "0"], "--epochs must be positive"),
 ])
 def test_every_bad_input_is_one_line_exit_2_and_writes_nothing(capsys, tmp_path, argv, expected):
     if argv[0] == "evaluate" and argv[1] != "MISSING":
         argv = ["evaluate", _corrupt_run(tmp_path, argv[1]), *argv[2:]]
     elif argv[0] == "evaluate":
         argv = ["evaluate", str(tmp_path / "missing")]
+    argv = [_corrupt_run(tmp_path, a[1:]) if a.startswith("@") else a for a in argv]
     before = sorted(p.name for p in tmp_path.rglob("*"))
     out = ["--out", str(tmp_path / "run")] if argv[0] == "fit" else []
     with _no_exit():
@@ -158,6 +191,48 @@ def test_every_bad_input_is_one_line_exit_2_and_writes_nothing(capsys, tmp_path,
     assert err.count("\n") == 0 and "Traceback" not in err, err
     assert expected in err
     assert sorted(p.name for p in tmp_path.rglob("*")) == before  # no folder created or changed
+
+
+def test_fit_from_a_run_reruns_its_config_with_the_flags_given_beside_it(tmp_path, monkeypatch):
+    first = tmp_path / "first"
+    assert main(["fit", "vae", "--guide", "planar", "--data", "digits", "--epochs", "1", "--z-dim", "2",
+                 "--hidden", "16", "--flow-length", "2", "--binarize", "fixed", "--is-samples", "5",
+                 "--lr", "0.002", "--no-progress", "--out", str(first)]) == 0
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", "--from", "first", "--epochs", "2", "--no-progress"]) == 0
+    rerun = tmp_path / "runs" / "vae-planar-digits-seed0"  # the default folder, not RUN's
+    saved = json.loads((first / "config.json").read_text())
+    again = json.loads((rerun / "config.json").read_text())
+    assert again["fit"].pop("epochs") == 2 and saved["fit"].pop("epochs") == 1
+    assert again == saved
+    assert len(json.loads((rerun / "metrics.json").read_text())["history"]) == 2
+
+
+@pytest.mark.parametrize("model, guide, data, options", [
+    ("vae", "amortized", "digits", {"binarize": "none", "hidden": (32, 16)}),  # a settled None
+    ("vae", "iaf", "digits", {"likelihood": "gaussian", "flow_length": 3, "seed": 4}),
+    ("bnn", "nuts", "boston", {"split": 3, "hidden": (20,), "nuts_jit": True}),
+    ("dmm", "st-lr", "pendulum", {"rnn_dim": 8, "patience": 2, "is_samples": 7}),
+])
+def test_a_saved_config_replans_to_itself(tmp_path, model, guide, data, options):
+    from bayeszoo.inference import runs
+
+    config = runs.plan(model, guide, data, **options)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert runs.replan(tmp_path) == json.loads(json.dumps(config))
+    changed = runs.replan(tmp_path, seed=9)
+    assert changed["fit"].pop("seed") == 9 and config["fit"].pop("seed") != 9
+    assert json.loads(json.dumps(changed)) == json.loads(json.dumps(config))
+
+
+def test_fit_from_with_another_guide_keeps_only_the_options_it_has(tmp_path):
+    from bayeszoo.inference import runs
+
+    saved = runs.plan("vae", "iaf", "digits", flow_length=3, z_dim=4)
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    config = runs.replan(tmp_path, guide="rank1")
+    assert config["guide"] == "rank1" and config["options"]["z_dim"] == 4
+    assert "flow_length" not in config["options"]
 
 
 class _no_exit:
@@ -208,3 +283,55 @@ def test_the_figures_a_run_writes_are_readable(tmp_path, monkeypatch):
     assert {"training.png", "reconstructions.png", "samples.png", "latent.png", "manifold.png",
             "predictive.png"} <= set(saved)
     assert all(not found for found in problems.values()), problems
+
+
+def test_no_progress_hides_the_bars_but_keeps_the_epoch_lines(capsys, tmp_path):
+    argv = ["fit", "vae", "--guide", "amortized", "--data", "digits", "--epochs", "2", "--hidden", "16",
+            "--is-samples", "5", "--out", str(tmp_path / "run")]
+    assert main([*argv, "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("epoch ")]
+    assert [line.split(":")[0] for line in lines] == ["epoch 1", "epoch 2"]
+    assert all("train ELBO" in line and "valid ELBO" in line for line in lines)
+    assert "it/s" not in err and "\r" not in err and "%|" not in err  # no tqdm bar
+    import logging
+
+    assert not any(isinstance(h, logging.StreamHandler) for h in logging.getLogger("bayeszoo").handlers)
+
+
+def test_torch_jit_future_warnings_do_not_reach_the_command_line(monkeypatch):
+    """Torch's own torch.jit deprecation notes are hidden; a FutureWarning from anywhere else shows."""
+    import warnings
+
+    import torch
+
+    from bayeszoo.inference import cli
+
+    def fit_that_warns(args):
+        torch.jit.wait(torch.jit.fork(abs, -1))  # each warns from torch.jit._async
+        warnings.warn("a note of the user's own", FutureWarning, stacklevel=1)
+        return 0
+
+    monkeypatch.setattr(cli, "_fit", fit_that_warns)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["fit", "vae", "--guide", "amortized", "--data", "digits"]) == 0
+    assert [str(w.message) for w in caught] == ["a note of the user's own"]
+    with warnings.catch_warnings(record=True) as caught:  # the same call outside the command warns
+        warnings.simplefilter("always")
+        torch.jit.wait(torch.jit.fork(abs, -1))
+    assert [w.category for w in caught] == [FutureWarning, FutureWarning]
+
+
+def test_the_nile_through_the_command_line_gives_chapter_10s_fit(tmp_path):
+    """`fit local-level --guide kalman --data nile` is the chapter's maximum-likelihood fit: Durbin &
+    Koopman (2012, ch. 2) report sigma2_eps = 15099, sigma2_eta = 1469.1, log L = -632.54."""
+    run = tmp_path / "nile"
+    assert main(["fit", "local-level", "--guide", "kalman", "--data", "nile", "--out", str(run)]) == 0
+    test = json.loads((run / "metrics.json").read_text())["test"]
+    assert test["fitted"]["R"] == pytest.approx(15099, rel=2e-4)       # sigma2_eps
+    assert test["fitted"]["Q"] == pytest.approx(1469.1, rel=1e-3)      # sigma2_eta
+    assert test["log_likelihood"] == pytest.approx(-632.54, abs=0.01)
+    assert test["steps_scored"] == 99 and test["exact"] and "in-sample" in test["note"]
+    assert main(["evaluate", str(run)]) == 0  # the saved model scores the same again
+    assert json.loads((run / "evaluation.json").read_text())["log_likelihood"] == test["log_likelihood"]

@@ -515,7 +515,28 @@ def test_simulated_datasets_are_seeded_and_keep_the_states_apart():
     theta = swinging.states["train"][..., 0]
     clean = torch.stack([theta.sin(), theta.cos()], -1)
     assert (swinging.train["x"] - clean).std().item() == pytest.approx(0.1, rel=0.3)
-    with pytest.raises(ValueError, match="load_nile"):
-        load_sequence_dataset("nile")
+    nile = load_sequence_dataset("nile")  # one series, the same in every split, and it says so
+    assert nile.train["x"].shape == (1, 100, 1) and nile.test is nile.train and "in-sample" in nile.note
+    assert torch.equal(nile.test["x"].double().flatten(), load_nile()["flow"])  # float32 holds it exactly
     with pytest.raises(ValueError, match="unknown sequence dataset"):
         load_sequence_dataset("mnist")
+
+
+def test_the_kalman_guide_draws_from_the_exact_posterior():
+    """Forward filtering, backward sampling draws from p(z | x) itself, so every importance weight
+    p(x, z) / q(z | x) equals p(x): the IS estimate and the ELBO are the exact log-likelihood."""
+    from bayeszoo.guides.kalman import KalmanPosterior
+    from bayeszoo.inference.evaluate import evaluate
+
+    torch.manual_seed(0)
+    model = LinearGaussianSSM(x_dim=2, z_dim=2).double()
+    model.set_parameters(A=[[0.9, 0.2], [-0.1, 0.8]], Q=0.3, R=0.5, Sigma_0=2.0)
+    _, x = model.simulate(4, 6)
+    mask = torch.ones(4, 6, dtype=torch.bool)
+    mask[1, 4:] = False  # a shorter sequence, padded at the end
+    data = {"x": x * mask[..., None], "mask": mask}
+    exact = model.log_likelihood(**data).mean().item()
+    scores = evaluate(model, KalmanPosterior(model), data, num_samples=50, count_active_units=False)
+    assert scores["is_log_likelihood"] == pytest.approx(exact, abs=1e-9)
+    assert scores["elbo"] == pytest.approx(exact, abs=1e-9)
+    assert KalmanPosterior(model).scores(data)["log_likelihood"] == pytest.approx(exact, rel=1e-12)

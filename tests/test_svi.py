@@ -155,3 +155,19 @@ def test_clip_norm_bounds_every_step():
     assert one_sgd_step(0.01) == pytest.approx(0.01, rel=1e-3)
     with pytest.raises(ValueError, match="clip_norm"):
         fit(*_pair(), data, clip_norm=0.0, progress=False)
+
+
+def test_every_epoch_is_one_log_record_without_a_progress_bar(caplog):
+    import logging
+
+    data, valid = _data(), _data(40, seed=1)
+    with caplog.at_level(logging.INFO, logger="bayeszoo"):
+        result = fit(*_pair(), data, valid, epochs=3, batch_size=32, progress=False)
+    records = [r for r in caplog.records if r.name == "bayeszoo.inference.svi"]
+    assert [r.levelno for r in records] == [logging.INFO] * 3
+    for record, row in zip(records, result.history, strict=True):
+        message = record.getMessage()
+        assert message.startswith(f"epoch {row['epoch']}: train ELBO {row['train_elbo']:.2f}, ")
+        assert f"valid ELBO {row['valid_elbo']:.2f} nats/point" in message
+    # the library leaves where the lines go to the application: no handler of its own but a null one
+    assert all(isinstance(h, logging.NullHandler) for h in logging.getLogger("bayeszoo").handlers)
