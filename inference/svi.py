@@ -194,10 +194,12 @@ class _Plan:
 class _BatchLoader:
     """Training minibatches ``{k: v[index]}`` for a list of index tensors, in order.
 
-    ``num_workers = 0``: indexed here. ``num_workers > 0``: a ``torch.utils.data.DataLoader`` whose
-    worker processes (persistent across epochs) index ahead of the loop, with pinned memory when
-    training on CUDA. Batch transforms stay with the caller (in the training process), so the
-    numbers do not depend on ``num_workers``. A context manager: leaving it stops the workers."""
+    ``num_workers = 0``: indexed here (a DataLoader without workers measured 50-60 us more a batch
+    of 100: 79 against 27 us on digits, 301 against 244 us on mnist5k). ``num_workers > 0``: a
+    ``torch.utils.data.DataLoader`` whose worker processes (persistent across epochs) index ahead
+    of the loop, with pinned memory when training on CUDA. Batch transforms stay with the caller
+    (in the training process), so the numbers do not depend on ``num_workers``. A context manager:
+    leaving it stops the workers."""
 
     def __init__(self, data: dict, num_workers: int, device):
         self.data, self.plan, self.loader = data, _Plan(), None
