@@ -308,7 +308,7 @@ def diagnostic_warnings(metrics: dict) -> list[str]:
     chains = metrics.get("chains")
     if chains and chains["max_rhat"] > MAX_RHAT:
         warnings.append(
-            f"R-hat is {chains['max_rhat']:.2f} (> {MAX_RHAT}): the {chains['count']} chains disagree; "
+            f"R-hat is {chains['max_rhat']:.3f} (> {MAX_RHAT}): the {chains['count']} chains disagree; "
             "run longer or start them better (e.g. --nuts-init map)"
         )
     if chains and chains["min_ess"] < MIN_ESS_PER_CHAIN * chains["count"]:
