@@ -49,6 +49,7 @@ from common import (
     EpochClock,
     add_threads_argument,
     after_warmup,
+    bayes_by_backprop_step,
     command_line,
     fmt_bytes,
     fmt_mean_se,
@@ -180,25 +181,7 @@ def train_handwritten_meanfield(net: nn.Module, data: dict, task: str, epochs: i
     mu starts at the net's weights, sigma = softplus(rho) at 0.01 (as ``guides/mean_field.py``);
     loss: summed NLL (unit-variance Gaussian or cross-entropy) + batch/N * KL(q || N(0, prior_scale^2)).
     """
-    mu = {k: v.detach().clone().requires_grad_() for k, v in net.named_parameters()}
-    rho = {k: torch.full_like(v, math.log(math.expm1(0.01))).requires_grad_() for k, v in mu.items()}
-    optimizer = torch.optim.Adam([*mu.values(), *rho.values()], lr=lr)
-    x, y = data["x"], data["y"]
-
-    def step(index: torch.Tensor) -> float:
-        sigma = {k: F.softplus(r) for k, r in rho.items()}
-        weights = {k: mu[k] + s * torch.randn_like(s) for k, s in sigma.items()}
-        out = torch.func.functional_call(net, weights, (x[index],))
-        nll = (0.5 * (out[:, 0] - y[index]).pow(2).sum() if task == "regression"
-               else F.cross_entropy(out, y[index], reduction="sum"))
-        kl = sum((math.log(prior_scale) - s.log() + (s**2 + mu[k]**2) / (2 * prior_scale**2) - 0.5).sum()
-                 for k, s in sigma.items())
-        loss = nll + len(index) / len(x) * kl
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        return loss.item()
-
+    step = bayes_by_backprop_step(net, data, task, lr, prior_scale)
     return timed_epochs(step, data, epochs, batch_size, seed)
 
 

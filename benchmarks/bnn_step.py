@@ -40,6 +40,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
+from common import bayes_by_backprop_step
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from torch import nn
 
@@ -121,31 +122,13 @@ def run_plain(net: nn.Module, data: dict, task: str, epochs: int, batch_size: in
         optimizer.step()
         return loss.item()
 
-    minibatch_loop(step, len(x), epochs, batch_size, seed, clock)
+    minibatch_loop(step, len(data["x"]), epochs, batch_size, seed, clock)
 
 
 def run_by_hand(net: nn.Module, data: dict, task: str, epochs: int, batch_size: int, lr: float, seed: int,
                 clock: StepClock, prior_scale: float = 1.0) -> None:
-    mu = {k: v.detach().clone().requires_grad_() for k, v in net.named_parameters()}
-    rho = {k: torch.full_like(v, math.log(math.expm1(0.01))).requires_grad_() for k, v in mu.items()}
-    optimizer = torch.optim.Adam([*mu.values(), *rho.values()], lr=lr)
-    x, y = data["x"], data["y"]
-
-    def step(index):
-        sigma = {k: F.softplus(r) for k, r in rho.items()}
-        weights = {k: mu[k] + s * torch.randn_like(s) for k, s in sigma.items()}
-        out = torch.func.functional_call(net, weights, (x[index],))
-        nll = (0.5 * (out[:, 0] - y[index]).pow(2).sum() if task == "regression"
-               else F.cross_entropy(out, y[index], reduction="sum"))
-        kl = sum((math.log(prior_scale) - s.log() + (s**2 + mu[k]**2) / (2 * prior_scale**2) - 0.5).sum()
-                 for k, s in sigma.items())
-        loss = nll + len(index) / len(x) * kl
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        return loss.item()
-
-    minibatch_loop(step, len(x), epochs, batch_size, seed, clock)
+    step = bayes_by_backprop_step(net, data, task, lr, prior_scale)
+    minibatch_loop(step, len(data["x"]), epochs, batch_size, seed, clock)
 
 
 class BareModel(nn.Module):
