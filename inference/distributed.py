@@ -272,23 +272,14 @@ def run_tasks(task: Callable, count: int, *, devices: int = 1, num_nodes: int = 
 
 def _rank_tasks(fabric, task: Callable, count: int) -> dict:
     """A rank's share of ``run_tasks``, gathered from every rank into task order."""
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+
     rank, world = fabric.global_rank, fabric.world_size
     mine = [(index, task(index, fabric.device, rank == 0)) for index in range(rank, count, world)]
     gathered = [None] * world
-    torch.distributed.all_gather_object(gathered, _to_cpu(mine))
+    torch.distributed.all_gather_object(gathered, move_data_to_device(mine, "cpu"))
     done = sorted((pair for part in gathered for pair in part), key=lambda pair: pair[0])
     return {"results": [result for _, result in done]}
-
-
-def _to_cpu(value):
-    """Tensors anywhere in nested lists, tuples and dicts, moved to the CPU."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu()
-    if isinstance(value, dict):
-        return {key: _to_cpu(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to_cpu(item) for item in value)
-    return value
 
 
 def slice_bounds(size: int, rank: int, world: int) -> tuple[int, int]:
