@@ -67,6 +67,7 @@ from tqdm.auto import tqdm
 
 from bayeszoo.guides.samples import WeightSamples
 from bayeszoo.inference import metrics
+from bayeszoo.inference.distributed import run_tasks
 from bayeszoo.inference.metrics import memory_bytes
 from bayeszoo.inference.predictive import score
 from bayeszoo.inference.supervised import load_supervised
@@ -113,6 +114,7 @@ class Config:
     nuts_warmup: int = 100
     nuts_samples: int = 100          # 0: NUTS skipped
     nuts_chains: int = 1
+    devices: int = 1                 # Boston splits trained this many at a time, one process each
     seed: int = 0
 
 
@@ -154,7 +156,7 @@ def timed_epochs(step, data: dict, epochs: int, batch_size: int, seed: int) -> d
 def train_plain(net: nn.Module, data: dict, task: str, epochs: int, batch_size: int, lr: float,
                 seed: int) -> dict:
     """The plain PyTorch loop: Adam, MSE or cross-entropy, the minibatch order ``fit`` uses."""
-    optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+    optimizer = torch.optim.Adam(net.parameters(), lr=lr, fused=True)
     x, y = data["x"], data["y"]
 
     def step(index: torch.Tensor) -> float:
@@ -280,11 +282,17 @@ def plain_scores(net: nn.Module, dataset) -> dict:
 # The experiments
 
 
-def boston(cfg: Config) -> dict:
-    rows: dict[str, list[dict]] = {m: [] for m in ("plain", *METHODS)}
-    hidden = (cfg.boston_hidden,)
-    for split in tqdm(range(cfg.splits), desc="Boston splits"):
+@dataclass
+class BostonSplit:
+    """Task ``split`` of the Boston protocol for ``distributed.run_tasks``: every method (and the
+    plain net) trained from the same initial net on that split and scored; {method: row}."""
+
+    cfg: Config
+
+    def __call__(self, split: int, device, shows_progress: bool) -> dict:
+        cfg, hidden = self.cfg, (self.cfg.boston_hidden,)
         data = load_supervised("boston", split=split)
+        rows = {}
         for method in ("plain", *METHODS):
             model, net = make_pair(data, hidden, cfg, cfg.seed)
             if method == "plain":
@@ -296,8 +304,18 @@ def boston(cfg: Config) -> dict:
                                            cfg.boston_batch_size, cfg.boston_lr, cfg.seed)
                 scores = score(model, guide, data, num_samples=predictive_samples(method, guide, cfg))
                 memory = memory_bytes(guide)
-            rows[method].append({"split": split, "rmse": scores["rmse"], "nll": scores["nll"],
-                                 "memory_bytes": memory, **timing})
+            rows[method] = {"split": split, "rmse": scores["rmse"], "nll": scores["nll"],
+                            "memory_bytes": memory, **timing}
+        if shows_progress:
+            print(f"Boston split {split + 1} of {cfg.splits} done", flush=True)
+        return rows
+
+
+def boston(cfg: Config) -> dict:
+    """The splits ``cfg.devices`` at a time, one process each (forked: the CPU benchmark)."""
+    hidden = (cfg.boston_hidden,)
+    per_split = run_tasks(BostonSplit(cfg), cfg.splits, devices=cfg.devices, strategy="ddp_fork")
+    rows = {method: [split_rows[method] for split_rows in per_split] for method in ("plain", *METHODS)}
     summary = {}
     for method, runs in rows.items():
         summary[method] = {
@@ -494,7 +512,9 @@ def markdown(report: dict) -> str:
         f"Digits: batch {cfg['digits_batch_size']}, {dig['sizes']['train']} training images "
         f"({math.ceil(dig['sizes']['train'] / cfg['digits_batch_size'])} steps per epoch), "
         f"{cfg['digits_epochs']} epochs. Boston: batch {cfg['boston_batch_size']}, 410 training rows "
-        f"(13 steps per epoch), split 0, {cfg['boston_epochs']} epochs."
+        f"(13 steps per epoch), split 0, {cfg['boston_epochs']} epochs"
+        + (f", trained beside other splits ({cfg['devices']} at a time, one process each, sharing the "
+           "cores)." if cfg.get("devices", 1) > 1 else ".")
         + (f" mnist5k: batch {cfg['wide_batch_size']}, {report['wide']['train_size']} training images, "
            f"{cfg['wide_epochs']} epochs (timing only, lr 1e-3)." if "wide" in report else ""),
         "",
@@ -603,6 +623,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--nuts-warmup", type=int, help="NUTS warm-up iterations per chain (default 100)")
     parser.add_argument("--nuts-samples", type=int, help="NUTS draws per chain (default 100; 0 skips NUTS)")
     parser.add_argument("--nuts-chains", type=int, help="default 1")
+    parser.add_argument("--devices", type=int, help="Boston splits this many at a time, one process each "
+                        "(their epoch times then share the cores; default 1)")
     add_threads_argument(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="a small configuration to check the script")
@@ -615,7 +637,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def config_from(args: argparse.Namespace) -> Config:
     cfg = Config(**QUICK) if args.quick else Config()
     for name in ("splits", "boston_epochs", "digits_epochs", "wide_hidden", "num_samples", "nuts_warmup",
-                 "nuts_samples", "nuts_chains"):
+                 "nuts_samples", "nuts_chains", "devices"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     if not 1 <= cfg.splits <= 20:

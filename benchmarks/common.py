@@ -231,7 +231,7 @@ def bayes_by_backprop_step(net, data: dict, task: str, lr: float, prior_scale: f
 
     mu = {k: v.detach().clone().requires_grad_() for k, v in net.named_parameters()}
     rho = {k: torch.full_like(v, math.log(math.expm1(0.01))).requires_grad_() for k, v in mu.items()}
-    optimizer = torch.optim.Adam([*mu.values(), *rho.values()], lr=lr)
+    optimizer = torch.optim.Adam([*mu.values(), *rho.values()], lr=lr, fused=True)
     x, y = data["x"], data["y"]
 
     def step(index: torch.Tensor) -> float:

@@ -10,14 +10,11 @@ guide for one epoch per round, the guides interleaved within a round, and report
 wall and CPU (process) seconds and their ratios to the amortized diagonal guide. ``loglik``
 trains each guide for 2 epochs from seed 0 and prints the importance-sampled log-likelihood of
 the test split, so a change that must not move the method can be checked before and after.
-A guide name ending in "+fused" trains with ``torch.optim.Adam(fused=True)`` (ratios then
-against "amortized+fused").
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import statistics
 import sys
@@ -52,14 +49,11 @@ def build(kind: str):
 
 def train(kind: str, dataset, epochs: int = 1, seed: int = 0, train_size: int | None = None,
           device: str = "cpu"):
-    """``kind`` ending in "+fused": the same with ``torch.optim.Adam(fused=True)``.
-    ``train_size``: the first that many training images (None: all)."""
+    """``train_size``: the first that many training images (None: all)."""
     pyro.set_rng_seed(seed)
-    fused = kind.endswith("+fused")
-    model, guide = build(kind.removesuffix("+fused"))
-    optimizer = functools.partial(torch.optim.Adam, fused=True) if fused else torch.optim.Adam
+    model, guide = build(kind)
     fit(model, guide, {"x": dataset.train["x"][:train_size]}, epochs=epochs, batch_size=100, seed=seed,
-        batch_transform=dataset.batch_transform, progress=False, optimizer=optimizer, device=device)
+        batch_transform=dataset.batch_transform, progress=False, device=device)
     return model, guide
 
 
@@ -83,11 +77,10 @@ def time_epochs(kinds, dataset, rounds: int) -> dict:
     for kind in kinds:
         w, c = statistics.median(wall[kind]), statistics.median(cpu[kind])
         result[kind] = {"wall_s": w, "cpu_s": c, "wall_rounds": wall[kind], "cpu_rounds": cpu[kind]}
-    for kind in kinds:  # against the amortized guide trained with the same optimizer
-        baseline = BASELINE + "+fused" if kind.endswith("+fused") else BASELINE
-        if baseline in result:
-            result[kind]["wall_ratio"] = result[kind]["wall_s"] / result[baseline]["wall_s"]
-            result[kind]["cpu_ratio"] = result[kind]["cpu_s"] / result[baseline]["cpu_s"]
+    for kind in kinds:
+        if BASELINE in result:
+            result[kind]["wall_ratio"] = result[kind]["wall_s"] / result[BASELINE]["wall_s"]
+            result[kind]["cpu_ratio"] = result[kind]["cpu_s"] / result[BASELINE]["cpu_s"]
     return result
 
 

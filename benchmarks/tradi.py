@@ -108,7 +108,7 @@ def plain_epochs(net: nn.Module, data: dict, cfg: Config, seed: int, tracked: bo
     """Adam + cross-entropy by hand; with ``tracked`` a WeightTracker filters every step."""
     pyro.set_rng_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, fused=True)
     tracker = handle = None
     if tracked:
         tracker = WeightTracker(net.named_parameters())
@@ -187,7 +187,7 @@ class CapturedAdam:
         self.optimizer = None
 
     def __call__(self, params, lr):
-        self.optimizer = torch.optim.Adam(params, lr=lr)
+        self.optimizer = torch.optim.Adam(params, lr=lr, fused=True)
         return self.optimizer
 
 
@@ -243,7 +243,7 @@ def horizon_sweep(dataset, cfg: Config, seed: int = 0) -> list[dict]:
                 for name, epochs in HORIZONS.items()}
 
     def adam_with_trackers(params, lr):
-        optimizer = torch.optim.Adam(params, lr=lr)
+        optimizer = torch.optim.Adam(params, lr=lr, fused=True)
         for tracker in trackers.values():
             tracker.attach(optimizer)
         return optimizer

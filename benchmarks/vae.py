@@ -111,7 +111,7 @@ def train_torch(vae: TorchVAE, train: dict, transform, cfg: Config, epochs: int,
     pyro.set_rng_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     vae.to(device).train()
-    opt = torch.optim.Adam(vae.parameters(), lr=cfg.lr)
+    opt = torch.optim.Adam(vae.parameters(), lr=cfg.lr, fused=True)
     x, size = train["x"], len(train["x"])
     history = []
     for epoch in range(epochs):

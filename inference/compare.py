@@ -45,6 +45,11 @@ posterior's bytes; every guide starts from the same initial network.
 
 A guide whose loss turns NaN is reported with its step in the table (``status``) and the
 others carry on; a bad name, pair or option fails before any data is loaded.
+
+The guides are independent runs, so ``devices=N`` (with ``accelerator``, ``num_nodes``,
+``strategy``, as for ``fit``) trains them N at a time, one process each: guide i on process
+i mod N (``inference.distributed.run_tasks``), each exactly as it would train alone on one
+device. The table does not depend on N; to train one pair data-parallel, ``fit`` it.
 """
 
 from __future__ import annotations
@@ -52,12 +57,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyro
 import torch
 
 from bayeszoo.inference import registry, runs
+from bayeszoo.inference.distributed import PROCESS_KEYWORDS, check_devices, is_main_node, run_tasks
 from bayeszoo.inference.report import describe_hardware, write_csv
 from bayeszoo.inference.svi import NonFiniteLossError
 
@@ -97,7 +104,8 @@ def compare(
             takes those that apply to it, and one that applies to none is an error.
         fit_options: the training budget (``epochs``, ``batch_size``, ``lr``, ``seed``, ...), the
             same for every guide (each takes those its trainer has). ``seed`` also seeds the
-            networks' initialisation and the scores.
+            networks' initialisation and the scores. ``devices`` (``accelerator``, ``num_nodes``,
+            ``strategy``): train the guides that many at a time, one process each.
         is_samples, binarize: shorthands for ``options["is_samples"]`` (K, importance samples per
             test point; a k-hat needs K >= 21) and ``options["binarize"]``.
         out: the comparison folder; guide ``g`` trains in ``out/g/``.
@@ -116,7 +124,9 @@ def compare(
         **(options or {}),
         **{k: v for k, v in (("is_samples", is_samples), ("binarize", binarize)) if v is not None},
     }
-    configs = _plan(model, guides, data, given, dict(fit_options or {}))
+    budget = dict(fit_options or {})
+    processes = _processes({key: budget.pop(key) for key in PROCESS_KEYWORDS if key in budget}, device)
+    configs = _plan(model, guides, data, given, budget)
     out = Path(out)
     _check_folders(out, configs, resume)
     if str(device).startswith("cuda") and not torch.cuda.is_available():
@@ -125,14 +135,13 @@ def compare(
     first = next(iter(configs.values()))
     dataset = runs.load_data(first, data_root, download)
     family = registry.resolve(registry.family_of(model).behaviour)
-    rows, panels = [], {}
-    for index, (name, config) in enumerate(configs.items()):
-        LOG.info("[%d/%d] %s + %s", index + 1, len(configs), model, name)
-        row, run = _run_guide(config, dataset, out / name, device, progress, resume)
-        rows.append(row)
-        if run is not None and family.compare_images:
-            test = family.evaluation_split(dataset, run.inputs, "test")
-            panels[name] = _figure_rows(run.model.cpu(), run.posterior.cpu(), test, config["fit"]["seed"])
+    guide_runs = _GuideRuns(configs, dataset, out, progress, resume)
+    outcomes = run_tasks(guide_runs, len(configs), **processes, device=device)
+    rows = [outcome["row"] for outcome in outcomes]
+    panels = {name: outcome["panels"] for name, outcome in zip(configs, outcomes, strict=True)
+              if outcome["panels"] is not None}
+    if not is_main_node():  # every node gets the rows; node 0 writes the comparison
+        return rows
 
     setting = {
         "model": model,
@@ -142,7 +151,7 @@ def compare(
         "budget": first["fit"],
         "is_samples": first["scoring"].get("is_samples"),
         "predictive_samples": first["scoring"].get("predictive_samples"),
-        "hardware": describe_hardware(device),
+        "hardware": describe_hardware(device) + _side_by_side(processes),
         "options": given,
         "table": family.table(dataset),
     }
@@ -156,6 +165,18 @@ def compare(
 
 
 # --------------------------------------------------------------------------- checks
+
+
+def _processes(given: dict, device) -> dict:
+    """The process settings (``fit``'s defaults for those not given), checked before anything runs."""
+    from bayeszoo.inference.registry import PROCESSES
+
+    settings = {option.name: given.get(option.name, option.default) for option in PROCESSES}
+    try:
+        check_devices(**settings, device=device)
+    except ValueError as error:
+        raise CompareError(str(error)) from None
+    return settings
 
 
 def _plan(model: str, guides: list[str], data: str, given: dict, budget: dict) -> dict[str, dict]:
@@ -224,7 +245,38 @@ def _same_run(stored: dict, config: dict) -> bool:
     return True
 
 
+def _side_by_side(processes: dict) -> str:
+    """How the guides shared the machine, for the table's sentence (seconds per epoch of guides
+    trained at once compete for its cores)."""
+    world = processes["devices"] * processes["num_nodes"]
+    return f", {world} guides at a time, one process each" if world > 1 else ""
+
+
 # --------------------------------------------------------------------------- one guide
+
+
+@dataclass
+class _GuideRuns:
+    """Task i of a comparison: train, save and score guide i (``_run_guide``) on ``device``; its
+    table row, and for image data the figure's rows of reconstructions and samples."""
+
+    configs: dict[str, dict]  # by the guide's name as given (its run folder's name)
+    dataset: object
+    out: Path
+    progress: bool
+    resume: bool
+
+    def __call__(self, index: int, device, shows_progress: bool) -> dict:
+        name, config = list(self.configs.items())[index]
+        LOG.info("[%d/%d] %s + %s", index + 1, len(self.configs), config["model"], name)
+        row, run = _run_guide(config, self.dataset, self.out / name, str(device),
+                              self.progress and shows_progress, self.resume)
+        panels = None
+        family = registry.resolve(registry.family_of(config["model"]).behaviour)
+        if run is not None and family.compare_images:
+            test = family.evaluation_split(self.dataset, run.inputs, "test")
+            panels = _figure_rows(run.model.cpu(), run.posterior.cpu(), test, config["fit"]["seed"])
+        return {"row": row, "panels": panels}
 
 
 def _run_guide(config: dict, dataset, run_dir: Path, device, progress, resume):

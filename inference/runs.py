@@ -236,8 +236,9 @@ def fit_run(
 
 def _check_processes(config: dict, device: str) -> bool:
     """Settings of the training processes that cannot run are a RunError before anything is loaded
-    or written; returns whether this process writes the run's files (on node 0; with several
-    nodes, every node runs the same command and gets the same outcome)."""
+    or written; returns whether this process writes the run's files: a run on one node always
+    (it may be one of a comparison's guides on node k); a run over several on node 0 alone (every
+    node runs the same command and gets the same outcome)."""
     from bayeszoo.inference.distributed import PROCESS_KEYWORDS, check_devices, is_main_node
 
     fit = config["fit"]
@@ -246,7 +247,7 @@ def _check_processes(config: dict, device: str) -> bool:
             check_devices(fit["devices"], fit["num_nodes"], fit["accelerator"], fit["strategy"], device)
         except ValueError as error:
             raise RunError(str(error)) from None
-    return is_main_node()
+    return fit.get("num_nodes", 1) == 1 or is_main_node()
 
 
 def _family(config: dict):

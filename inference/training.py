@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 from bayeszoo.inference.distributed import PROCESS_KEYWORDS, run_tasks
-from bayeszoo.inference.svi import CHECKPOINT, FitResult, fit
+from bayeszoo.inference.svi import CHECKPOINT, FitResult, adam, fit
 
 
 def _fit(model, guide, data: dict, budget: dict, **extra):
@@ -362,7 +362,7 @@ class _TrackedAdam:
     tracker: object
 
     def __call__(self, params, lr: float) -> torch.optim.Optimizer:
-        opt = torch.optim.Adam(params, lr=lr)
+        opt = adam(params, lr=lr)
         self.tracker.attach(opt)
         return opt
 
