@@ -72,7 +72,7 @@ PROCESSES = {"loop": 1, "ddp x1": 1, "ddp x2": 2}
 class Config:
     data: str = "mnist5k"
     pairs: tuple[str, ...] = ("vae", "bnn")
-    batch_sizes: tuple[int, ...] = (100, 200, 500)   # global batches
+    batch_sizes: tuple[int, ...] = (100, 200, 250, 500)   # global batches
     epochs: int = 4                             # one warm-up epoch, then timed ones
     rounds: int = 2                             # loop, ddp x1, ddp x2, loop, ...
     vae_hidden: int = 400
@@ -163,6 +163,31 @@ def one_rank(model, guide, train: dict, *, epochs: int, batch_size: int, lr: flo
                    run_dir=None, resume=False, batch_transform=None,
                    checkpoint_extras=checkpoint_extras, progress=False)
     return svi._fit_on_ranks(job, devices=1, num_nodes=1, accelerator=accelerator, strategy=strategy)
+
+
+def _time_all_reduce(fabric, size: int, repeats: int) -> dict:
+    """Seconds of one all-reduce of ``size`` floats between the ranks (after a warm-up), wall and
+    this rank's CPU: what every step of ``ddp x2`` adds to the loop's arithmetic."""
+    tensor = torch.randn(size, device=fabric.device)
+    for _ in range(5):
+        torch.distributed.all_reduce(tensor)
+    torch.distributed.barrier()
+    wall, cpu = time.perf_counter(), time.process_time()
+    for _ in range(repeats):
+        torch.distributed.all_reduce(tensor)
+    return {"wall": (time.perf_counter() - wall) / repeats, "cpu": (time.process_time() - cpu) / repeats}
+
+
+def all_reduce_seconds(pair: str, x_dim: int, num_classes: int, cfg: Config, repeats: int = 50) -> dict:
+    """One gradient all-reduce of the pair (all its parameters, as DistributedDataParallel sends
+    them) on two ranks, nothing else running: the floor of the per-step communication."""
+    from bayeszoo.inference.distributed import launch
+
+    model, guide = build(pair, x_dim, num_classes, cfg)
+    size = sum(p.numel() for p in svi._parameters(model, guide))
+    timing = launch(_time_all_reduce, (size, repeats), (), devices=2, num_nodes=1,
+                    accelerator=cfg.accelerator, strategy=cfg.strategy)
+    return {"parameters": size, **timing}
 
 
 def timed_run(mode: str, pair: str, train: dict, batch_size: int, num_classes: int, cfg: Config) -> dict:
@@ -355,6 +380,7 @@ def markdown(report: dict) -> str:
                 f"{'n/a' if missing(r['overhead']) else verdict(r['overhead'] <= TARGET_OVERHEAD)} | "
                 f"{_num(r['cpu_overhead'])} |")
     lines += per_rank_lines(report.get("per_rank_efficiency", {}))
+    lines += all_reduce_lines(report)
     lines += fixed_cost_lines(report.get("fixed_costs", {}))
     if cfg["notes"]:
         lines += ["", *cfg["notes"]]
@@ -371,6 +397,29 @@ def per_rank_lines(efficiency: dict) -> list[str]:
             "efficiency = throughput(ddp x2, 2b) / (2 x throughput(loop, b)).", "",
             "| pair | b per rank | global batch of ddp x2 | efficiency | target |",
             "|---|---:|---:|---:|---|", *rows]
+
+
+def all_reduce_lines(report: dict) -> list[str]:
+    """The measured communication floor and the efficiency it alone allows at a fixed batch per
+    rank: loop step / (loop step + one all-reduce)."""
+    timings = report.get("all_reduce", {})
+    if not timings:
+        return []
+    lines = ["", "One all-reduce of all the pair's gradients between two ranks (gloo, measured on its own, "
+             "50 repeats), and what it alone leaves of the efficiency at a fixed batch b per rank: "
+             "loop step(b) / (loop step(b) + all-reduce); the rest of the gap is the two busy cores slowing "
+             "each other (memory) and DistributedDataParallel's bucket copies.", ""]
+    for pair, timing in timings.items():
+        by_batch = report["results"][pair]
+        bounds = []
+        for b in report.get("per_rank_efficiency", {}).get(pair, {}):
+            loop = by_batch[b]["rows"]["loop"]
+            step = loop["epoch_seconds"] / math.ceil(report["num_train"] / int(b))
+            bounds.append(f"{_num(step / (step + timing['wall']))} at b={b}")
+        lines.append(f"* {PAIR_NAMES[pair]}: {timing['parameters']:,} parameters, "
+                     f"{1000 * timing['wall']:.2f} ms wall ({1000 * timing['cpu']:.2f} ms CPU) an all-reduce"
+                     + (f"; bound {', '.join(bounds)}." if bounds else "."))
+    return lines
 
 
 def fixed_cost_lines(costs: dict) -> list[str]:
@@ -438,6 +487,9 @@ def main(argv=None) -> dict:
                           f"BNN {'-'.join(map(str, (x_dim, *cfg.bnn_hidden, dataset.num_classes)))}")
     report["results"] = tabulate(measure(cfg, train, dataset.num_classes))
     report["per_rank_efficiency"] = per_rank_efficiency(report["results"])
+    if "ddp x2" in modes_that_run(cfg):
+        report["all_reduce"] = {pair: all_reduce_seconds(pair, x_dim, dataset.num_classes, cfg)
+                                for pair in cfg.pairs}
     report["fixed_costs"] = fixed_costs(report["results"], len(train["x"]))
     report.update(seconds=time.perf_counter() - started, load_average_at_end=os.getloadavg())
     write(report, RESULTS / ("scaling_quick" if cfg.quick else "scaling"), markdown)
