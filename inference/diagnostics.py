@@ -23,6 +23,8 @@ which is 0.7 for S >= 2,154 (and lower below it).
 
 from __future__ import annotations
 
+import warnings
+
 import arviz as az
 import numpy as np
 import torch
@@ -56,7 +58,10 @@ def psis_khat(log_weights: torch.Tensor, rtol: float = 1e-5) -> torch.Tensor:
     if torch.isnan(weights).any() or (weights == float("inf")).any():
         raise ValueError("log_weights contain NaN or +inf")
     columns = weights.reshape(weights.shape[0], -1)
-    _, khat = az.psislw(columns.T.contiguous().numpy(), reff=1.0)  # samples on the last axis
+    # A constant column makes ArviZ's tail fit divide 0 by 0 (NumPy warns; the column is set to
+    # -inf below), which is no news for the caller: keep NumPy quiet here only.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        _, khat = az.psislw(columns.T.contiguous().numpy(), reff=1.0)  # samples on the last axis
     khat = torch.from_numpy(np.asarray(khat, dtype=np.float64).reshape(-1))
     top = columns.max(0).values
     spread = top - columns.min(0).values
@@ -103,8 +108,14 @@ def min_ess(data: az.InferenceData) -> float:
 
 
 def plot_trace(data: az.InferenceData, var_names: list[str] | None = None):
-    """Trace plot (per-chain densities and draws); returns the matplotlib Figure."""
-    axes = az.plot_trace(data, var_names=var_names, compact=True)
+    """Trace plot (per-chain densities and draws); returns the matplotlib Figure. A chain that
+    never moved (every draw the same value: R-hat and ESS say so) has no density to estimate;
+    ArviZ warns and leaves its density curve out, which the figure itself shows, so the warning
+    is not passed on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Your data appears to have a single value",
+                                category=UserWarning)
+        axes = az.plot_trace(data, var_names=var_names, compact=True)
     return np.asarray(axes).ravel()[0].figure
 
 

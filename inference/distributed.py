@@ -153,11 +153,22 @@ def launch(function: Callable, private: tuple, shared: tuple, *, devices: int, n
     fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes,
                     strategy=DDPStrategy(start_method=start_method,
                                          find_unused_parameters=find_unused_parameters,
-                                         broadcast_buffers=broadcast_buffers))
+                                         **_buffer_sync(broadcast_buffers)))
     with _local_main_address(num_nodes), tempfile.TemporaryDirectory(prefix="bayeszoo-") as folder:
         outcome = Path(folder) / "outcome.pt"
         fabric.launch(_run_rank, function, private, shared, _Settings.capture(), outcome)
         return torch.load(outcome, map_location="cpu", weights_only=True)
+
+
+def _buffer_sync(every_forward: bool) -> dict:
+    """DistributedDataParallel's keyword for syncing buffers before every forward pass:
+    ``forward_sync_buffers`` from torch 2.14 (``broadcast_buffers`` warns there), before it
+    ``broadcast_buffers``. Either way the buffers are synced once at the start."""
+    import inspect
+
+    if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters:
+        return {"forward_sync_buffers": every_forward}
+    return {"broadcast_buffers": every_forward}
 
 
 def _run_rank(fabric, function: Callable, private: tuple | bytes, shared: tuple, settings: _Settings,

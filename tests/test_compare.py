@@ -189,7 +189,8 @@ def test_guides_trained_two_at_a_time_in_two_processes_give_the_same_comparison(
     for name in GUIDES:  # every guide's folder is a one-process run, written by the process that trained it
         config = json.loads((tmp_path / "two" / name / "config.json").read_text())
         assert config["fit"]["devices"] == 1
-        trained = [torch.load(tmp_path / folder / name / "weights.pt", weights_only=True) for folder in ("one", "two")]
+        trained = [torch.load(tmp_path / folder / name / "weights.pt", weights_only=True)
+                   for folder in ("one", "two")]
         # the same draws; a weight may differ in its last bits (4.7e-10 seen: memory alignment in
         # another process can change the vector code path), while a seed off would move it by 1e-2
         torch.testing.assert_close(trained[0], trained[1], rtol=0, atol=1e-6, msg=name)

@@ -41,6 +41,20 @@ def _history(metrics: dict) -> list[dict]:
     return [{key: row[key] for key in ("train_elbo", "valid_elbo")} for row in metrics["history"]]
 
 
+# The numbers were recorded with torch's for-loop Adam; ``fit`` now uses the fused Adam, the same
+# update computed in another order, so a float32 number may differ in its last bits (1e-7
+# relative seen). A different seed, batch order or objective moves them by 1e-3 or more.
+ROUNDING = 1e-6
+KHAT_ROUNDING = 1e-3  # a Pareto tail fit to the largest weights amplifies 1e-7 (up to 2.8e-4 seen: the max)
+
+
+def _close(got, recorded) -> bool:
+    """Equal up to ROUNDING, for numbers, dicts of numbers and lists of those."""
+    if isinstance(recorded, list):
+        return len(got) == len(recorded) and all(map(_close, got, recorded))
+    return got == pytest.approx(recorded, rel=ROUNDING, abs=0)
+
+
 def test_fit_trains_a_latent_pair_exactly_as_before(tmp_path, one_thread):
     argv = [
         "fit",
@@ -63,7 +77,7 @@ def test_fit_trains_a_latent_pair_exactly_as_before(tmp_path, one_thread):
     ]
     assert main(argv) == 0
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert _history(metrics) == GOLDEN["fit vae rank1"]["history"]  # bit for bit
+    assert _close(_history(metrics), GOLDEN["fit vae rank1"]["history"])
     # The test scores now come from a stream seeded with the run's seed (before: the stream training
     # left), so `evaluate` repeats them exactly; they are IS estimates of the same model.
     before = GOLDEN["fit vae rank1"]["test"]
@@ -92,8 +106,8 @@ def test_fit_trains_and_scores_a_bnn_pair_exactly_as_before(tmp_path, one_thread
     ]
     assert main(argv) == 0
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert _history(metrics) == GOLDEN["fit bnn meanfield"]["history"]
-    assert {key: metrics["test"][key] for key in ("rmse", "nll")} == GOLDEN["fit bnn meanfield"]["test"]
+    assert _close(_history(metrics), GOLDEN["fit bnn meanfield"]["history"])
+    assert _close({key: metrics["test"][key] for key in ("rmse", "nll")}, GOLDEN["fit bnn meanfield"]["test"])
 
 
 @pytest.mark.parametrize(
@@ -141,9 +155,10 @@ def test_compare_scores_every_guide_exactly_as_before(tmp_path, one_thread, fami
     assert main([*argv, "--no-progress", "--out", str(tmp_path)]) in (0, 1)
     golden = GOLDEN[f"compare {family}"]
     rows = {row["guide"]: row for row in csv.DictReader(open(tmp_path / "compare.csv"))}
-    assert {
-        guide: {key: float(rows[guide][key]) for key in scores} for guide, scores in golden.items()
-    } == golden
+    for guide, scores in golden.items():
+        for key, recorded in scores.items():
+            rel = KHAT_ROUNDING if key.startswith("khat") else ROUNDING
+            assert float(rows[guide][key]) == pytest.approx(recorded, rel=rel, abs=0), (guide, key)
     # one path: each guide's run folder holds what `fit` writes, and its scores are the row's
     for guide in golden:
         metrics = json.loads((tmp_path / guide / "metrics.json").read_text())

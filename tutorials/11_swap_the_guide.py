@@ -72,6 +72,8 @@ SAMPLER_EPOCHS = 10 if SMOKE_TEST else 200   # SGLD / SGHMC: minibatches of 40, 
 NUTS_WARMUP = 5 if SMOKE_TEST else 50        # per chain; two chains (NUTS's default)
 NUTS_SAMPLES = 5 if SMOKE_TEST else 50
 NUTS_TREE_DEPTH = 4 if SMOKE_TEST else 6     # at most 2^depth - 1 leapfrog steps per draw
+# The guides of a comparison are independent runs: two at a time, one process each (forked).
+TWO_AT_A_TIME = {"devices": 2, "strategy": "ddp_fork"}
 
 # %% [markdown]
 # ## 1. The menu
@@ -158,7 +160,7 @@ def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
 tic = time.perf_counter()
 vae_rows = bayeszoo.compare(
     "vae", pairs["vae"], "mnist5k", out=OUT / "vae", progress=False,
-    fit_options={"epochs": VAE_EPOCHS, "batch_size": 100, "seed": 0},
+    fit_options={"epochs": VAE_EPOCHS, "batch_size": 100, "seed": 0, **TWO_AT_A_TIME},
     options={**VAE_OPTIONS, "is_samples": IS_SAMPLES},
 )
 print(f"{len(vae_rows)} guides trained and scored in {time.perf_counter() - tic:.0f} s "
@@ -274,7 +276,7 @@ run_folders = {name: BNN_OUT / "optimizers" / name for name in optimized}
 tic = time.perf_counter()
 bnn_rows = bayeszoo.compare(
     "bnn", optimized, "gap", out=BNN_OUT / "optimizers", progress=False,
-    fit_options={"epochs": BNN_EPOCHS, "batch_size": 160, "lr": 2e-2, "seed": 0},
+    fit_options={"epochs": BNN_EPOCHS, "batch_size": 160, "lr": 2e-2, "seed": 0, **TWO_AT_A_TIME},
     options={"hidden": BNN_HIDDEN, "nuts_warmup": NUTS_WARMUP, "nuts_samples": NUTS_SAMPLES,
              "nuts_max_tree_depth": NUTS_TREE_DEPTH, "nuts_jit": True},
 )
