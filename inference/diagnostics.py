@@ -96,15 +96,26 @@ def summary(data: az.InferenceData, var_names: list[str] | None = None):
 
 
 def max_rhat(data: az.InferenceData) -> float:
-    """The largest rank-normalized split R-hat over every scalar of the posterior."""
-    rhat = az.rhat(data)
-    return float(max(np.nanmax(np.asarray(rhat[name])) for name in rhat.data_vars))
+    """The largest rank-normalized split R-hat over every scalar of the posterior; NaN when
+    none can be computed (fewer than four draws per chain, or chains that never moved)."""
+    with np.errstate(invalid="ignore", divide="ignore"):  # 0 / 0 is how ArviZ reaches its NaN
+        rhat = _defined(az.rhat(data))
+    return float(rhat.max()) if rhat.size else np.nan
 
 
 def min_ess(data: az.InferenceData) -> float:
-    """The smallest bulk effective sample size over every scalar of the posterior."""
-    ess = az.ess(data, method="bulk")
-    return float(min(np.nanmin(np.asarray(ess[name])) for name in ess.data_vars))
+    """The smallest bulk effective sample size over every scalar of the posterior; NaN when
+    none can be computed."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ess = _defined(az.ess(data, method="bulk"))
+    return float(ess.min()) if ess.size else np.nan
+
+
+def _defined(per_scalar) -> np.ndarray:
+    """Every scalar's value of an ArviZ per-variable result, the undefined (NaN) ones left out:
+    ArviZ returns NaN for a scalar whose draws are all equal."""
+    values = np.concatenate([np.asarray(per_scalar[name]).ravel() for name in per_scalar.data_vars])
+    return values[~np.isnan(values)]
 
 
 def plot_trace(data: az.InferenceData, var_names: list[str] | None = None):

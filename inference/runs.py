@@ -19,6 +19,7 @@ Scores are drawn from a random stream seeded with the run's seed, so ``evaluate_
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -307,6 +308,11 @@ def diagnostic_warnings(metrics: dict) -> list[str]:
     """Plain sentences for diagnostics that say the numbers should not be trusted as they are."""
     warnings = []
     chains = metrics.get("chains")
+    if chains and math.isnan(chains["max_rhat"]):
+        warnings.append(
+            f"R-hat cannot be computed from these {chains['count']} chains (fewer than four draws each, "
+            "or chains that never moved): nothing says they agree; draw more samples"
+        )
     if chains and chains["max_rhat"] > MAX_RHAT:
         warnings.append(
             f"R-hat is {chains['max_rhat']:.3f} (> {MAX_RHAT}): the {chains['count']} chains disagree; "
@@ -318,7 +324,7 @@ def diagnostic_warnings(metrics: dict) -> list[str]:
             "chain): the posterior summaries are noisy; draw more samples"
         )
     khat = metrics.get("test", {}).get("khat_mean")
-    if khat is not None and khat == khat and khat > MAX_KHAT:  # not NaN
+    if khat is not None and khat > MAX_KHAT:  # False for NaN, an undefined k-hat
         warnings.append(
             f"the mean PSIS k-hat is {khat:.2f} (> {MAX_KHAT}): q is far from the posterior and the "
             "importance-sampled log-likelihood is unreliable (a loose lower bound)"

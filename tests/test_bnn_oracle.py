@@ -262,14 +262,19 @@ def test_cli_resumes_an_interrupted_bnn_run(tmp_path, capsys):
                                                                    rel=1e-5)
 
 
-def test_cli_reports_rhat_and_ess_for_several_sampler_chains(tmp_path):
+def test_cli_reports_rhat_and_ess_for_several_sampler_chains(tmp_path, capsys):
     argv = ["fit", "bnn", "--guide", "sgld", "--data", "gap", "--epochs", "4", "--batch-size", "80",
             "--lr", "1e-4", "--hidden", "8", "--out", str(tmp_path), "--no-progress", "--chains", "2",
             "--predictive-samples", "10"]
     assert cli.main(argv) == 0
-    chains = json.loads((tmp_path / "metrics.json").read_text())["chains"]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    chains = metrics["chains"]
     # two short chains from different initialisations: R-hat is computed (finite, above 1 - noise)
     assert chains["count"] == 2 and chains["max_rhat"] > 0.9 and chains["min_ess"] > 0
+    # ... and too short to trust: the run says so on stderr, as metrics.json records it
+    assert any(warning.startswith("the smallest effective sample size") for warning in metrics["warnings"])
+    stderr = capsys.readouterr().err
+    assert all(f"bayeszoo: warning: {warning}" in stderr for warning in metrics["warnings"])
 
 
 def _sampler_run(out, method: str, epochs: int, *extra) -> int:
