@@ -139,7 +139,7 @@ plt.show()
 #
 # For an MLP of `Linear` and `ReLU` layers the Jacobian is the product of the weight matrices
 # masked by the active units, $J = W_L D_{L-1} W_{L-1} \cdots D_1 W_1$:
-# `guides.laplace.relu_mlp_jacobian`. For any other differentiable decoder the guide uses
+# `guides.vlae.relu_mlp_jacobian`. For any other differentiable decoder the guide uses
 # forward-mode autograd, `torch.func.vmap(jacfwd(g))` — forward mode because the Jacobian is
 # tall ($784 \times k$ with $k \ll 784$): one forward pass per latent dimension instead of one
 # backward pass per pixel. Both must agree, and the closed form should be cheaper.
@@ -330,12 +330,12 @@ plt.show()
 #
 # In a full run (2,000 training images, 6 epochs, $K = 1000$, one CPU thread) the VLAE was 25-28
 # nats per image above the VAE at every $T$ (standard errors about 0.8), the Householder flow 16
-# ($T=2$) and 19 ($T=8$) nats above it, and the IAF 3 and 9 nats *below* it: the VLAE's order
+# ($T=2$) and 20 ($T=8$) nats above it, and the IAF 3 and 9 nats *below* it: the VLAE's order
 # over the VAE and the Householder flow is the paper's, the IAF's is not (at this budget; the
 # paper trained for far longer). Most of the VLAE's gain came with the first step ($T = 1$:
-# +24.6) and it stopped growing after the second ($T = 2$: +27.6, $T = 4$: +28.0, $T = 8$:
-# +27.6), while an epoch cost 1.5 s at $T = 1$ and 6.2 s at $T = 8$, against 0.3 s for the VAE.
-# Each step is guarded: it must raise $\log p(x, z)$ or it is halved (`guides/laplace.py`); an
+# +24.6) and it stopped growing after the second ($T = 2$: +27.6, $T = 4$: +28.1, $T = 8$:
+# +27.6), while an epoch cost 0.7 s at $T = 1$ and 2.7 s at $T = 8$, against 0.2 s for the VAE.
+# Each step is guarded: it must raise $\log p(x, z)$ or it is halved (`guides/vlae.py`); an
 # earlier, unguarded version of this run scored 2-5 nats lower at $T \ge 2$, and in the 30-epoch
 # benchmark its training ELBO spiked. `benchmarks/latent_guides.py` (README) has the longer run.
 #

@@ -74,7 +74,7 @@ SGLD_EPOCHS = 4 if SMOKE_TEST else 300       # minibatches of 40: four steps per
 NUTS_CHAINS = 2
 NUTS_WARMUP = 3 if SMOKE_TEST else 20        # iterations per chain; see section 3 for why so few
 NUTS_SAMPLES = 5 if SMOKE_TEST else 20
-BOSTON_SPLITS = 1 if SMOKE_TEST else 6       # of the 20 splits of Hernandez-Lobato & Adams (2015)
+BOSTON_SPLITS = 1 if SMOKE_TEST else 20      # of the 20 splits of Hernandez-Lobato & Adams (2015)
 BOSTON_EPOCHS = 1 if SMOKE_TEST else 40
 NUM_SAMPLES = 10 if SMOKE_TEST else 200      # predictive weight samples for the variational guides
 
@@ -275,10 +275,10 @@ for method, seconds, rmse, nll, sd_data, sd_gap, sd_out, noise in rows:
 # What the full run shows (the numbers are the table's, the pictures the panels'):
 #
 # * **Two groups.** MAP, the ensemble, Laplace, TRADI and NUTS fit the data: test RMSE 0.14 to
-#   0.19, noise sd 0.11 to 0.14 (true 0.1). Mean-field (with or without local
+#   0.21, noise sd 0.10 to 0.15 (true 0.1). Mean-field (with or without local
 #   reparameterization or Flipout), MC dropout and SGLD do not: their mean is a flattened curve,
 #   almost a straight line for mean-field and SGLD, with RMSE 0.32 to 0.36, and they explain the
-#   wiggles as noise (sd 0.26 to 0.36). For mean-field this is what its objective prefers, not a
+#   wiggles as noise (sd 0.26 to 0.33). For mean-field this is what its objective prefers, not a
 #   lack of training (a run of 3,000 steps ends at the same place): with 151 weights and 160
 #   points, the KL price of weights precise enough to draw the curve is more than the
 #   likelihood gains, the small-data failure known as over-pruning (Trippe & Turner 2018). The
@@ -286,22 +286,23 @@ for method, seconds, rmse, nll, sd_data, sd_gap, sd_out, noise in rows:
 #   only reduce the gradient noise. SGLD is another story: its step size is bounded by the
 #   sharpest direction of the posterior, so in 1,200 steps it has crawled only part of the way
 #   from the initialisation; it is still fitting, not yet sampling (a separate run of 20,000
-#   full-batch steps reached noise sd 0.23, still far above the 0.11 of the methods that fit).
-# * **In-between uncertainty.** Only NUTS widens clearly in the gap: its epistemic sd is 0.06
-#   there against 0.03 on the data. Laplace (last layer) is nearly flat across the gap (0.029
-#   against 0.025), the ensemble's five members agree almost exactly (sd below 0.015
-#   everywhere: five weight-decayed ReLU networks draw the same line between the clusters) and
-#   TRADI's band is invisible. The mean-field family and MC dropout do the opposite of what we
-#   want: their epistemic sd is *smaller* in the gap (0.07 to 0.09 for mean-field, 0.006 for
+#   full-batch steps reached noise sd 0.23, still well above the 0.10 to 0.15 of the methods that
+#   fit).
+# * **In-between uncertainty.** Only NUTS widens clearly in the gap: its epistemic sd is 0.05
+#   there against 0.02 on the data. Laplace (last layer) is nearly flat across the gap (0.026
+#   against 0.024), the ensemble's five members agree closely (sd 0.016 on the data and 0.010 in
+#   the gap: five weight-decayed ReLU networks draw nearly the same line between the clusters)
+#   and TRADI's band is invisible. The mean-field family and MC dropout do the opposite of what
+#   we want: their epistemic sd is *smaller* in the gap (0.075 to 0.098 for mean-field, 0.006 for
 #   dropout) than on the data (0.13 to 0.16, 0.02). Foong et al. (2020) showed why: in a
 #   single-hidden-layer network, the mean-field Gaussian and MC dropout predictive variance at
 #   a point between two inputs cannot exceed the sum of the variances at those inputs, so these
 #   approximations cannot express in-between uncertainty at all.
 # * **Away from the data** (|x| > 1.05) Laplace, MC dropout and NUTS grow their epistemic band
-#   (sd 0.10 to 0.13), the mean-field family more (0.27 to 0.32, around a wrong mean), SGLD
-#   0.17, the ensemble and TRADI barely (0.01). No method follows the true cubic out there,
+#   (sd 0.09 to 0.12), the mean-field family more (0.275 to 0.308, around a wrong mean), SGLD
+#   0.17, the ensemble (0.03) and TRADI (0.003) barely. No method follows the true cubic out there,
 #   and none is wide enough to cover it: the prior of a ReLU network extrapolates straight lines.
-# * **Scores.** NUTS has the best test NLL (-0.49), then Laplace (-0.20), TRADI and MAP: on this
+# * **Scores.** NUTS has the best test NLL (-0.49), then Laplace (-0.22), TRADI and MAP: on this
 #   test set, whose hard points are in the gap, a little honest width pays. The mean-field
 #   family's wide bands do not help, because they come with a wrong mean.
 #
@@ -347,13 +348,17 @@ plt.tight_layout()
 plt.show()
 
 # %% [markdown]
-# In the full run the weight-space diagnostics fail: max R-hat above 2 (2.2 to 3.6 in our runs)
-# and a minimum bulk ESS of 4 out of 40 draws. Part of that is the symmetry (a chain that has swapped two hidden units
-# disagrees on their weights without disagreeing on anything that matters), part is simply too
-# few draws. The function values at the three probe inputs, which is what predictions are made
-# of, have R-hat 1.00 to 1.02 and ESS 35 to 52, and the traces of the two chains overlap; the
-# noise scale, R-hat 1.14, has not settled. That is a weak "consistent so far", not a
-# certificate: forty draws cannot reveal a mode neither chain visited.
+# In the full run the weight-space diagnostics fail: max R-hat above 2 (2.2 to 3.6 in our runs;
+# 3.56 in this one) and a minimum bulk ESS of 4 out of 40 draws. Part of that is the symmetry (a
+# chain that has swapped two hidden units disagrees on their weights without disagreeing on
+# anything that matters), part is simply too few draws. But in this run the function values at
+# the three probe inputs, which is what predictions are made of, fail as well: R-hat 2.21 to
+# 2.38 (bulk ESS 53 to 64), and the noise scale has R-hat 2.29 and a bulk ESS of 4. The trace
+# plot shows why: one of the two chains (dotted) is a flat line, it did not move in its 20 kept
+# draws, so the chains cannot agree. These chains have not converged, and the NUTS row of
+# Section 2 averages one moving chain and one stuck one. Even chains that agreed would be only a
+# weak "consistent so far", not a certificate: forty draws cannot reveal a mode neither chain
+# visited.
 #
 # Why so few draws? NUTS builds each trajectory until it turns back, up to 1,023 leapfrog steps,
 # and here it needs hundreds of them or the maximum: the posterior is narrow in some directions
@@ -361,10 +366,10 @@ plt.show()
 # \approx 0.01$ or less) and as wide as the prior in others (the weights of hidden units the
 # data barely use), so the step size must be small and the path long. Each leapfrog step is one
 # gradient of the full-data log density through Pyro, a few milliseconds here, so one draw
-# costs seconds: the 80 iterations above took three to five minutes on two shared CPU cores
-# with the chains one after the other (197 to 309 s in our runs), most of this chapter's
-# running time. In a process each, the two chains drew the same numbers in 211 s on a busy
-# machine where one after the other took 569 s. This is why NUTS is the gold
+# costs seconds: the 80 iterations above, the two chains in a process each, took about 70 s
+# on two otherwise idle CPU cores, the largest part of this chapter's running time. One chain
+# after the other they draw the same numbers, slower (197 to 309 s in our runs on shared cores;
+# on a busy machine 569 s against 211 s side by side). This is why NUTS is the gold
 # standard for *small* networks, and a reference rather than a tool for larger ones (Izmailov
 # et al. 2021 ran full-batch HMC on hundreds of TPUs).
 #
@@ -417,8 +422,9 @@ def mean_se(values):
     return f"{values.mean():.2f} ± {values.std() / math.sqrt(len(values)):.2f}"
 
 
-print(f"Boston housing, test RMSE and NLL ($1000s), mean ± standard error over the first "
-      f"{BOSTON_SPLITS} of the 20 splits, {BOSTON_EPOCHS} epochs")
+splits = "all 20 splits" if BOSTON_SPLITS == 20 else f"the first {BOSTON_SPLITS} of the 20 splits"
+print(f"Boston housing, test RMSE and NLL ($1000s), mean ± standard error over {splits}, "
+      f"{BOSTON_EPOCHS} epochs")
 print(f"{'method':10s} {'RMSE':>13s} {'NLL':>13s} {'seconds/split':>14s}")
 for method in BOSTON_METHODS:
     s = boston_scores[method]
@@ -426,12 +432,12 @@ for method in BOSTON_METHODS:
           f"{boston_seconds[method] / BOSTON_SPLITS:14.1f}")
 
 # %% [markdown]
-# In the full run (the first 6 of the 20 splits: a split costs 11 to 19 s for the five methods
-# on two shared cores, and all 20 next to NUTS would not reliably fit this chapter's ten
-# minutes), MAP, Laplace and the ensemble reach RMSE about 3.5 and NLL about 2.75, MC dropout is
-# a little worse in RMSE (3.8) and equal in NLL, and mean-field is the worst on both (RMSE 4.2,
-# NLL 2.88), the same underfitting as on the gap data. Between the first four the differences
-# are within about one standard error; six splits cannot rank them. For orientation only, since
+# In the full run (all 20 splits, two at a time: 70 s on two otherwise idle cores, about 7 s a
+# split for the five methods), MAP, Laplace and the ensemble reach RMSE about 3.5 and NLL 2.74 to
+# 2.77, MC dropout is a little worse in RMSE (3.64) and a little better in NLL (2.72), and
+# mean-field is the worst on both (RMSE 4.08, NLL 2.85), the same underfitting as on the gap
+# data. Between the first four the differences are within about one standard error; even twenty
+# splits cannot rank them. For orientation only, since
 # budgets and tuning differ: the papers report RMSE 3.0 and NLL 2.57 for probabilistic
 # backpropagation and 4.3 and 2.90 for the variational method of Graves (2011)
 # (Hernández-Lobato & Adams 2015), 2.97 and 2.46 for MC dropout with a tuned dropout rate and

@@ -32,7 +32,7 @@
 #
 # **Smoke mode.** With `SMOKE_TEST=1` every method trains for two epochs and the Monte Carlo
 # sample counts are small; the code runs end to end but the numbers mean nothing. The prose
-# describes the full run (CPU, one thread); every number in it is printed by the code below it.
+# describes the full run (CPU, two threads); every number in it is printed by the code below it.
 
 # %%
 import inspect
@@ -98,7 +98,7 @@ plt.show()
 # $$w \sim p(w), \qquad y_n \mid x_n, w \sim \mathrm{Categorical}\big(\mathrm{softmax}(f(x_n; w))\big),$$
 #
 # by replacing every `Linear` layer's weight and bias with a `PyroSample` prior. Here $f$ is a
-# 64–100–8 ReLU network (7,208 weights and biases). The default prior is the **fan-in** prior
+# 64–100–8 ReLU network (7,308 weights and biases). The default prior is the **fan-in** prior
 # $w_{ij} \sim \mathcal{N}(0, s^2 / \text{fan-in})$ with $s = 1$, the scale under which
 # activations keep their size from layer to layer *for inputs of unit variance*. This is the
 # model's `forward`:
@@ -130,7 +130,7 @@ print(f"mean squared pixel {x_train.pow(2).mean():.3f}; under the s = 1 prior th
 
 # %% [markdown]
 # A prior that says "nearly uniform class probabilities" has to be overcome by the data, and
-# 1,043 images are not much evidence against 7,208 weights. The MAP estimate — the mode of
+# 1,043 images are not much evidence against 7,308 weights. The MAP estimate — the mode of
 # $p(w \mid \mathcal{D})$, i.e. the network trained with the matching weight decay — shows what
 # that does. We fit it for four prior scales and compare them on the **validation** set (the
 # test NLL is printed for the record, not used for the choice):
@@ -188,11 +188,11 @@ print(f"s = 1, -log p(y, w | x): {before[0]:.1f} -> {after[0]:.1f} after {POLISH
 
 # %% [markdown]
 # Under the default $s = 1$ the MAP network classifies most images correctly but is badly
-# **under**confident: in the full run its mean confidence on the validation images is 0.53
+# **under**confident: in the full run its mean confidence on the validation images is 0.54
 # against an accuracy of 0.93, an ECE of 0.40. This is not an optimisation failure: 2,000 more
 # full-batch Adam steps lower $-\log p(y, w \mid x)$ by 22 nats and the training NLL only from
-# 0.665 to 0.648 nats per image. It is the prior. With $s = 3$, 10 and 30 the network may use
-# larger weights, and the validation NLL falls at every step of the grid, down to 0.004 at
+# 0.669 to 0.648 nats per image. It is the prior. With $s = 3$, 10 and 30 the network may use
+# larger weights, and the validation NLL falls at every step of the grid, down to 0.0045 at
 # $s = 30$, where all 197 validation images are classified correctly. The chapter takes the
 # scale with the lowest validation NLL, $s = 30$, for every method, so all eight share one model
 # and differ only in how they approximate its posterior.
@@ -200,7 +200,7 @@ print(f"s = 1, -log p(y, w | x): {before[0]:.1f} -> {after[0]:.1f} after {POLISH
 # Two caveats, both visible in the table. The choice sits at the edge of the grid, and a
 # validation set that is classified without error cannot say where to stop: its NLL only rewards
 # more confidence. And the test NLL, printed for the record and not used for the choice, is
-# lowest at $s = 10$ (0.059 against 0.069 at $s = 30$). Choosing a prior on 197 images is coarse;
+# lowest at $s = 10$ (0.060 against 0.069 at $s = 30$). Choosing a prior on 197 images is coarse;
 # cross-validation or the marginal likelihood would be the careful way.
 #
 # ## 3. Eight approximate posteriors, one call each
@@ -353,18 +353,18 @@ print(f"Laplace: {near_prior:.0%} of the {len(eigenvalues)} covariance eigenvalu
 #   each method with MAP on the same resampled images: only Flipout does better (+0.018 ±
 #   0.008); the ensemble, MC dropout, Laplace and TRADI are within a few thousandths of MAP, the
 #   mean-field guide is within one standard error below it (−0.011 ± 0.011), and SGLD is *worse*
-#   (−0.041 ± 0.015), consistent with its lower confidence on the test images, which brings
+#   (−0.041 ± 0.016), consistent with its lower confidence on the test images, which brings
 #   those closer to the OOD ones.
 # * **Mutual information**, available only with more than one weight sample, detects OOD
-#   images about as well as the entropy for every method here (within 0.01 of it).
+#   images about as well as the entropy for every method here (within 0.015 of it).
 # * **Memory** spans two orders of magnitude: MAP and MC dropout store one network (29 KB);
 #   mean-field, Flipout and TRADI a mean and a scale per weight (58 KB); the ensemble five
 #   networks (146 KB); SGLD one network per kept sample (71 of them, 2.1 MB); the last-layer
 #   Laplace approximation an 808 x 808 covariance factor (2.6 MB). For that guide
 #   `memory_bytes` counts the factor and the last layer's mean but not the first layer's fixed
 #   MAP weights (26 KB), which the guide holds outside its buffers.
-# * **Training time** (one thread, 100 epochs) is 10–25 s per method in the runs made for this
-#   text, on a machine shared with other jobs, so only the order of magnitude is reliable. The
+# * **Training time** (two threads, 100 epochs) is 2–5 s per method in the full run, on a quiet
+#   2-core machine; on other machines only the order of magnitude carries over. The
 #   five-member ensemble trains in one vectorized run, not five.
 #
 # ## 4. Reliability diagrams
@@ -387,7 +387,7 @@ print("test images with confidence below 0.9: " + ", ".join(
 # The printed counts say how much of each panel is more than one bin. MAP, MC dropout, the
 # ensemble and TRADI give 5–7 of the 203 test images a confidence below 0.9; everything else is
 # in the top bins, which are on the diagonal, and their lower bars hold one or two images each,
-# too few to read anything from. The Laplace approximation gives 139 images a confidence below
+# too few to read anything from. The Laplace approximation gives 138 images a confidence below
 # 0.9, and its bars stand above the diagonal across the middle bins: those images are right
 # more often than the model says, the underconfidence of the table. The mean-field guide (37
 # images), SGLD (28) and Flipout (25) show the same pattern on a smaller scale.
@@ -489,8 +489,8 @@ print("accuracy at the largest angle: " + ", ".join(f"{m} {shift[m]['accuracy'][
 # on clean images apart from SGLD — keep their entropy at 0.6–0.8 nats out to 90 degrees and
 # end with a lower ECE (Flipout 0.64, mean-field 0.66, Laplace 0.73); SGLD lies in between
 # (0.84). The groups cross between 15 and 30 degrees: at 15 degrees the well-calibrated group
-# still has the lower ECE (0.04–0.05 against 0.09–0.20), at 30 degrees it has jumped to 0.33 while
-# the underconfident group is at 0.08–0.17. No method stays calibrated under a large shift.
+# still has the lower ECE (0.04–0.05 against 0.09–0.20), at 30 degrees it has jumped to 0.33–0.34
+# while the underconfident group is at 0.08–0.17. No method stays calibrated under a large shift.
 #
 # ## 7. Looking at the posterior with ArviZ
 #
@@ -598,7 +598,7 @@ with torch.no_grad():
 print(f"training NLL of the MAP network: {map_nll:.3f} nats per image")
 pyro.set_rng_seed(4)
 mf_log_w, mf_log_lik = log_importance_weights(*fitted["meanfield"], data.train, S_PSIS)
-khat_mf = describe("mean-field over all 7,208 weights", mf_log_w, mf_log_lik)
+khat_mf = describe("mean-field over all 7,308 weights", mf_log_w, mf_log_lik)
 laplace_log_w, laplace_log_lik = log_importance_weights(*fitted["laplace"], data.train, S_PSIS)
 khat_laplace = describe("Laplace over the 808 last-layer weights (first layer fixed)", laplace_log_w,
                         laplace_log_lik)
@@ -612,7 +612,7 @@ khat_laplace = describe("Laplace over the 808 last-layer weights (first layer fi
 # built from these draws would rest on one of them. Much of the spread is visible in the fit
 # to the training data alone: the MAP network has a training NLL of 0.002 nats per image, the
 # mean-field draws a median of 0.34 and a 90th percentile of 0.80 — over a thousand images,
-# hundreds of nats from one draw to the next. In 7,208 dimensions the posterior of a
+# hundreds of nats from one draw to the next. In 7,308 dimensions the posterior of a
 # neural network is correlated, skewed by the softmax and, through the symmetries of hidden
 # units, multimodal; a product of independent Gaussians does not cover it, even when its
 # predictions are as usable as in Section 3. That is the gap between "predicts well" and "is
@@ -621,9 +621,9 @@ khat_laplace = describe("Laplace over the 808 last-layer weights (first layer fi
 # The second line is a contrast, not a like-for-like comparison: the Laplace guide's $q$ covers
 # only the last layer, so its weights compare it with the posterior of those 808 weights
 # *given* the first layer at its MAP value — a smaller problem, with a log-likelihood concave in
-# those weights and a full covariance. It fails just as clearly ($\hat k$ 19.7, a span of 3,685
+# those weights and a full covariance. It fails just as clearly ($\hat k$ 20.05, a span of 3,688
 # nats), and its draws fit the training images no better than the mean-field ones (median
-# training NLL 0.36, 90th percentile 0.89 nats per image). Section 3 showed where its
+# training NLL 0.36, 90th percentile 0.90 nats per image). Section 3 showed where its
 # covariance comes from: the curvature at a mode where almost every training image is fitted
 # with certainty is nearly zero, so in 92% of the directions the covariance is just the
 # evidence-tuned prior's, which is not the model's prior, and nothing in it records how fast
@@ -646,7 +646,7 @@ khat_laplace = describe("Laplace over the 808 last-layer weights (first layer fi
 #   ensemble and TRADI become confidently wrong (ECE near 0.9 at 90 degrees); the mean-field,
 #   Flipout and Laplace Gaussians keep more entropy and end with a lower, still large, ECE.
 # * ArviZ and PSIS judge the posterior itself: a mean-field $q$ that predicts well is far from
-#   the posterior over 7,208 weights ($\hat k$ 25.9, one effective draw in 2,000), and an SGLD
+#   the posterior over 7,308 weights ($\hat k$ 25.9, one effective draw in 2,000), and an SGLD
 #   chain of 70 epochs has not mixed (R-hat up to 2.25, ESS down to 3). Good predictive numbers
 #   are not evidence of a good posterior.
 

@@ -31,7 +31,7 @@
 #
 # **Smoke mode.** With `SMOKE_TEST=1` everything trains for a few epochs (and on the 8x8
 # `digits` instead of MNIST), so the code runs end to end but the numbers mean nothing. The prose
-# describes the full run (CPU, one thread); every number in it is printed by the code above it.
+# describes the full run (CPU, two threads); every number in it is printed by the code above it.
 
 # %%
 import math
@@ -218,8 +218,8 @@ print(f"Kalman gain after {tracker.tracked_steps} tracked steps: P = {tracker.er
 # back into use), and $\sigma$ jumps with it: the band is wide exactly where the weight moves
 # fast, and $\mu$ trails the weight by its ten-step average. This is what $\sigma^2$ is: the
 # scatter of the most recent steps, a property of the optimisation path. Across the output
-# layer (printed) the median $\sigma$ is a fraction of a percent of the median $|w|$ (0.0001
-# against 0.040 in the full run); only the few weights that moved late have a visible band.
+# layer (printed) the median $\sigma$ is a fraction of a percent of the median $|w|$ (0.0003
+# against 0.042 in the full run); only the few weights that moved late have a visible band.
 #
 # ## 2. Uncertainty on the gap data
 #
@@ -270,15 +270,15 @@ for name, sd_ in bands.items():
 
 # %% [markdown]
 # **What the bands say** (printed numbers above the figure). MAP has no epistemic band: its
-# only uncertainty is the learned noise. TRADI has one, with an epistemic sd of about 0.013 on
-# the data, 0.012 in the gap and 0.026 beyond $|x| > 1.2$: it does *not* grow in the gap, because
+# only uncertainty is the learned noise. TRADI has one, with an epistemic sd of about 0.015 on
+# the data, 0.010 in the gap and 0.029 beyond $|x| > 1.2$: it does *not* grow in the gap, because
 # $\sigma_i$ measures how minibatch noise jiggles weight $i$, and no data in the gap means no
 # gradient that could make the weights jiggle there. The ensemble is about as tight on the data
-# (0.024), twice as wide in the gap (0.044) and four times as wide beyond the data (0.165): its
-# members, started from different initialisations, agree where the data pin the function down
-# and disagree elsewhere. The gap itself is a hard case even for the ensemble (every member
-# interpolates the two clusters almost linearly). On this picture TRADI is closer to MAP than
-# to the ensemble.
+# (0.020), but four times as wide in the gap (0.079) and more than eight times as wide beyond
+# the data (0.173) as on it: its members, started from different initialisations, agree where
+# the data pin the function down and disagree elsewhere. The gap itself is a hard case even for
+# the ensemble (every member interpolates the two clusters almost linearly). On this picture
+# TRADI is closer to MAP than to the ensemble.
 #
 # ### A particle filter for a non-Gaussian start
 #
@@ -294,7 +294,7 @@ for name, sd_ in bands.items():
 # per setting: one started from $w + \mathcal{U}(-0.1, 0.1)$, one from a Gaussian of the same
 # variance $0.1^2/3$; and a Kalman `WeightTracker` with the same $Q$ and $R$ (which always starts
 # from $P_0 = 0$: its $P$ is the Gaussian filter's answer without the initial spread). Two
-# measurement noises: the default $R = 10^{-6}$, and $R = 0.1$, a filter that trusts each
+# measurement noises: the default $R = 10^{-6}$, and $R = 1$, a filter that trusts each
 # observed weight very little.
 
 # %%
@@ -331,8 +331,8 @@ plt.show()
 
 # %% [markdown]
 # **Left ($R = 10^{-6}$, the default).** The panel is empty because the particle filters
-# *collapsed*: the printout shows three distinct particles left (uniform start) and two (Gaussian
-# start), at $-0.018$, while the weight ended at $-0.174$ and the Kalman mean at $-0.109$. At
+# *collapsed*: the printout shows one distinct particle left (uniform start) and four (Gaussian
+# start), at $-0.019$, while the weight ended at $-0.187$ and the Kalman mean at $-0.121$. At
 # this $R$ every observation is $10^{-3}$ wide; when the weight swung in the last epochs (the
 # figure of Section 1) it moved far outside the particle cloud, the likelihood kept only the
 # particle nearest to it, and with process noise $Q = 10^{-8}$ (sd $10^{-4}$ per step) the cloud
@@ -343,9 +343,9 @@ plt.show()
 #
 # **Right ($R = 1$).** With observations this weak the trajectory no longer overwhelms the
 # start, and the two starts stay different: the uniform start keeps a flatter cloud (kurtosis
-# 2.39 against the Gaussian start's 2.88; a uniform has 1.8) that is also wider (sd 0.042 against
-# 0.036). But the filter barely looks at the weight any more: both clouds sit near $-0.01$
-# while the weight ended at $-0.17$. The Kalman $\mathcal{N}(\mu, P)$ (black, clipped at the
+# 2.49 against the Gaussian start's 2.93; a uniform has 1.8) that is also wider (sd 0.041 against
+# 0.036). But the filter barely looks at the weight any more: both clouds sit near $-0.02$
+# while the weight ended at $-0.19$. The Kalman $\mathcal{N}(\mu, P)$ (black, clipped at the
 # top) is much narrower because the Kalman tracker always starts from $P_0 = 0$ and cannot be
 # given the initial spread; TRADI's $\mathcal{N}(\mu, \sigma^2)$ (dashed, default $R$) sits
 # between the weight and the others.
@@ -415,7 +415,7 @@ probs_ood = {m: probs_of(m, digits.ood["x"]) for m in METHODS}
 # entropy (0.5 is chance); accuracy and ECE on the rotated and noised images; **memory**, the
 # bytes of the tensors that store the posterior (`metrics.memory_bytes(guide)`, float32), and for
 # TRADI also the tracker's state during training (`tracker.memory_bytes()`); training time in
-# seconds on this machine (one thread, shared; only ratios mean anything).
+# seconds on this machine (two threads on a quiet 2-core machine; only ratios mean anything).
 
 # %%
 table = {}
@@ -461,18 +461,18 @@ plt.show()
 # %% [markdown]
 # ### How TRADI compares
 #
-# In the full run (mnist5k, 784-200-8, 15 epochs, one seed, CPU, one thread; the numbers are
+# In the full run (mnist5k, 784-200-8, 15 epochs, one seed, CPU, two threads; the numbers are
 # printed above) the five methods are close: test accuracy 0.960-0.968, NLL 0.170-0.180, ECE
-# 0.023-0.031, OOD AUROC 0.880-0.886. TRADI's row is within a few thousandths of MAP's on every
-# column, clean, rotated and noised: its sigma are small (median sigma / |mu| about 0.04), so a
-# sampled network changes a predicted label for 0.01% of (sample, image) pairs. The five-member
-# ensemble is no better here either (NLL 0.170 against MAP's 0.171) at three times the
-# training time of MAP and five times its memory; TRADI's posterior is 0.40 of the ensemble's,
-# its training time 1.23x MAP's. So on this small problem the seed's claim, "competitive with
-# deep ensembles at a fraction of the memory", holds, but only because nothing beats MAP by
-# much; the uncertainty TRADI adds with a one-epoch fading horizon is too small to change
-# predictions. A longer horizon (``variance_decay`` closer to 1) widens sigma; how to choose it
-# well is an open question this chapter does not settle.
+# 0.023-0.031, OOD AUROC 0.880-0.886. TRADI's row is within 0.008 of MAP's on every metric
+# column, clean, rotated and noised (accuracy 0.968 against 0.960; every other column within
+# 0.005): its sigma are small (median sigma / |mu| about 0.04), so a sampled network changes a
+# predicted label for 0.01% of (sample, image) pairs. The five-member ensemble is barely better
+# (NLL 0.170 against MAP's 0.171) at five times the training time of MAP and five times its
+# memory; TRADI's posterior is 0.40 of the ensemble's, its training time 1.45x MAP's. So on this
+# small problem the seed's claim, "competitive with deep ensembles at a fraction of the memory",
+# holds, but only because nothing beats MAP by much; the uncertainty TRADI adds with a one-epoch
+# fading horizon is too small to change predictions. A longer horizon (``variance_decay`` closer
+# to 1) widens sigma; how to choose it well is an open question this chapter does not settle.
 #
 # ## Summary
 #

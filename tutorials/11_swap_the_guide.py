@@ -146,9 +146,9 @@ def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
 # the posterior has and the IS estimate is not to be trusted.
 #
 # The budget is tiny on purpose: four epochs of 40 minibatches of 100 images (Chapter 2 trains
-# for up to 100 epochs), so that the whole chapter runs in about five minutes. Every guide is
-# still far from converged, and the table ranks guides *at this budget*; read it as a
-# demonstration of the comparison, not as a verdict.
+# for up to 100 epochs), so that the whole chapter runs in about two minutes on two CPU cores.
+# Every guide is still far from converged, and the table ranks guides *at this budget*; read it
+# as a demonstration of the comparison, not as a verdict.
 #
 # We keep the two point-mass guides in. They have no density, so there is nothing to
 # importance-sample: their row has no IS log-likelihood and no $\hat k$, and their "ELBO"
@@ -211,33 +211,35 @@ fig.tight_layout()
 plt.show()
 
 # %% [markdown]
-# What the full run shows (our run on two shared CPU cores, one torch thread; the seeds make the
-# scores repeat exactly, while the times are wall-clock on cores shared with other work, so
-# differences in time below about a factor of 1.5 mean nothing):
+# What the full run shows (our run on two otherwise idle CPU cores, two guides training at a
+# time, one torch thread each; the seeds make the scores repeat exactly, while the times are
+# wall-clock and move with the machine's load, so differences in time below about a factor of
+# 1.5 mean nothing):
 #
 # * **The guide matters, even with the model fixed.** The same decoder architecture, data,
 #   budget and seed span 25 nats of IS log-likelihood: from -156.2 (`rank1`) and -154.9
-#   (`amortized`) to -131.2 (`vlae`). The flows sit between: planar (-143.9) and Sylvester
-#   (-144.1) gain about 11 nats over the diagonal Gaussian, radial and Householder about 7 and
+#   (`amortized`) to -131.3 (`vlae`). The flows sit between: planar (-143.9) and Sylvester
+#   (-143.9) gain about 11 nats over the diagonal Gaussian, radial and Householder about 7 and
 #   6; the IAF and the rank-one Gaussian gain nothing at this budget.
 # * **And it costs.** The horizontal axis of the left panel is the price: four planar steps add
-#   little to an epoch (0.69 s against the diagonal Gaussian's 0.61 s), radial and Householder
-#   steps and the IAF's MADE networks more (1.0 to 1.2 s), Sylvester's orthogonal matrices (and
-#   three times the parameters) 6.2 s, and the VLAE's Newton steps — each needs the decoder's
-#   Jacobian at every image — 7.1 s, ten and twelve times the diagonal Gaussian. In another of
-#   our runs, on busier cores, the VLAE took seventeen times as long: the ratios move with the
-#   load, though the two slowest guides stayed the slowest. A plausible reason for the VLAE's
+#   little to an epoch (0.52 s against the diagonal Gaussian's 0.43 s), radial and Householder
+#   steps and the IAF's MADE networks a little more (0.54 to 0.60 s), Sylvester's orthogonal
+#   matrices (and three times the parameters) 1.55 s, and the VLAE's Newton steps — each needs
+#   the decoder's Jacobian at every image — 5.25 s, four and twelve times the diagonal
+#   Gaussian. In earlier runs of ours, on busier cores, they took up to ten and seventeen times
+#   as long: the ratios move with the machine's load, though the two slowest guides stayed the
+#   slowest. A plausible reason for the VLAE's
 #   lead this early in training: it computes each image's posterior from the decoder
 #   (Chapter 5) instead of trusting the encoder, which after four epochs is still poor. Whether
 #   the lead lasts with a longer budget this run cannot say; that test is one `epochs`
 #   argument away.
-# * **Which numbers to trust.** For every guide but the VLAE the mean k-hat is 1.2 to 1.6 and
-#   93% to 98% of the test images are above 0.7: their weights are so heavy-tailed that 200
+# * **Which numbers to trust.** For every guide but the VLAE the mean k-hat is 1.2 to 1.5 and
+#   93% to 97% of the test images are above 0.7: their weights are so heavy-tailed that 200
 #   importance samples give an IS log-likelihood that is a loose lower bound, and differences
-#   of a nat or two between them mean little. The VLAE's mean k-hat is 0.72, with 44% of images
+#   of a nat or two between them mean little. The VLAE's mean k-hat is 0.71, with 44% of images
 #   above 0.7: still at the threshold, but the only $q$ whose IS estimate is not far out of
 #   reach of the truth. Its ELBO is also the only one within about 2 nats of its IS
-#   log-likelihood (5 to 8 nats for the others): two symptoms of the same gap
+#   log-likelihood (5 to 7 nats for the others): two symptoms of the same gap
 #   KL$(q \,\|\, p(z \mid x))$.
 # * **Point masses.** `delta`'s "ELBO" is -150.8, higher than the ELBO of every guide but planar
 #   and the VLAE, and it means nothing of the kind: $\log p(x, z^\ast)$ has no entropy term and
@@ -377,25 +379,30 @@ plt.show()
 # %% [markdown]
 # What the full run shows:
 #
-# * **Two groups, as in Chapter 6.** MAP, Laplace, TRADI, the ensemble and NUTS fit the curve:
-#   test RMSE 0.19 to 0.22. The mean-field family (Bayes by Backprop with or without local
-#   reparameterization or Flipout), MC dropout, SGLD and SGHMC do not (0.32 to 0.34): their mean
-#   is the flattened line of the mean-field panel, and they explain the wiggles as noise. For
+# * **Two groups, as in Chapter 6.** MAP, Laplace, TRADI, the ensemble and NUTS follow the
+#   curve on both clusters and cut across the gap: test RMSE 0.21 to 0.26. The mean-field family
+#   (Bayes by Backprop with or without local reparameterization or Flipout), MC dropout, SGLD and
+#   SGHMC do not (0.32 to 0.34): their mean is the flattened line of the mean-field panel, and
+#   they explain the wiggles as noise. For
 #   mean-field that is what its objective prefers with 151 weights and 160 points (Chapter 6);
 #   for the samplers it is the budget: 800 small steps have not yet carried them from the
 #   initialisation to the curve, as Chapter 6 found for SGLD after 1,200.
-# * **Calibration.** NUTS has the best test NLL (-0.27), then Laplace (-0.09), TRADI (-0.07) and
-#   MAP (-0.07), then the ensemble (0.02): on a test set whose hard points lie in the gap and
-#   near its edges, a band that widens away from the data pays. MAP has no epistemic band at
-#   all; the ensemble's five members agree almost everywhere, so its band is hardly wider; the
-#   mean-field band is wide, but around the wrong mean.
-# * **Time.** NUTS took 26 s, a little over twice MAP's 11 s, and was the slowest guide even on
-#   its budget of 100 draws. Every optimizer and both samplers took 11 to 17 s, differences
-#   these wall-clock timings cannot resolve; "s / epoch" times 500 shows that only 4 to 6 s of
-#   an optimizer's time is its training steps, the rest the work every run does each epoch (a
-#   validation ELBO, a checkpoint) and after it (scores, figures). Laplace costs MAP plus one
-#   curvature pass; its row is even below MAP's, whose time includes the one-off start-up
-#   costs of the first row.
+# * **Calibration.** NUTS has the best test NLL (-0.14), then the ensemble (0.13), Laplace
+#   (0.16), MAP (0.19) and TRADI (0.20): on a test set whose hard points lie in the gap and near
+#   its edges, a band that widens away from the data pays. MAP has no epistemic band at all; the
+#   ensemble's five members agree almost everywhere, so its band is hardly wider; the mean-field
+#   band is wide, but around the wrong mean. How much of this ordering is the guides and how
+#   much the one run: changing only Adam's kernel (torch's fused implementation against its
+#   per-tensor one, the same update up to rounding) moved MAP from test RMSE 0.20 and NLL -0.06
+#   to 0.26 and 0.19 in our runs, and the ensemble the other way (0.26 and 0.16 to 0.25 and
+#   0.13). At 500 steps the optimizers have not settled, and differences of that size between
+#   the guides are within what rounding alone can do.
+# * **Time.** NUTS took 11 s, about two and a half times MAP's 4.2 s, and was the slowest guide
+#   even on its budget of 100 draws. Every optimizer and both samplers took 3.7 to 7.2 s,
+#   differences these wall-clock timings barely resolve; "s / epoch" times 500 shows that only
+#   1.3 to 2.5 s of an optimizer's time is its training steps, the rest the work every run does
+#   each epoch (a validation ELBO, a checkpoint) and after it (scores, figures). Laplace costs
+#   MAP plus one curvature pass (4.8 s against 4.2 s).
 # * **Memory.** The posterior bytes follow what each guide keeps: 604 bytes for MAP and MC
 #   dropout (151 float32 weights), twice that for a mean-field Gaussian or TRADI (a mean and a
 #   scale per weight), five networks for the ensemble (3,020), 11 KB for Laplace (the MAP plus
@@ -469,7 +476,7 @@ for name, run in sample_runs.items():
 #   ESS 91 to 138 of 202 draws at the three inputs; SGHMC's mostly (R-hat 1.15 and ESS 10 in the
 #   gap). Yet both are *wrong*: compare their means with the `true` column — at $x = \pm 0.65$
 #   they have the sign of the cubic trend, not of the curve, because both chains sit on the
-#   same flattened function. NUTS's chains disagree (R-hat 1.44 to 1.94, ESS 3 to 5 of 100
+#   same flattened function. NUTS's chains disagree (R-hat 1.11 to 1.74, ESS 3 to 13 of 100
 #   draws): it has not converged either, although its draws are on the right side of the truth
 #   and give the best NLL of Section 3.
 #
@@ -486,16 +493,16 @@ for name, run in sample_runs.items():
 # * **For speed**, a point estimate or the diagonal Gaussian: MAP for a network and the
 #   `amortized` guide for a VAE are the cheapest per epoch. If a little more time is available,
 #   spend it where the tables show a return: four planar flow steps bought the VAE 11 nats for
-#   about an eighth more time per epoch, and Laplace turned MAP into the second-best calibrated
-#   network for the price of one curvature pass.
-# * **For calibration** of a small network, NUTS first and Laplace second, on this data; the
-#   ensemble fitted the curve but its members agreed too closely to widen in the gap, and
-#   mean-field and MC dropout paid for their bands with a wrong mean.
+#   about a fifth more time per epoch, and Laplace lowered MAP's test NLL from 0.19 to 0.16 for
+#   the price of one curvature pass.
+# * **For calibration** of a small network, NUTS first, on this data; the ensemble and Laplace
+#   came next, close enough that one run cannot order them (their bands hardly widen in the
+#   gap), and mean-field and MC dropout paid for their bands with a wrong mean.
 # * **For exactness**, a sampler — NUTS, whose draws are exact in the limit — but only with its
 #   diagnostics in function space passing, which at this budget they did not; its cost per draw
 #   grows with the depth of its trajectories, and it was already the slowest guide here. For a
 #   VAE, the only guide whose importance weights were nearly trustworthy was the VLAE (k-hat
-#   0.72), at about twelve times the cost of an epoch: choose it when the number you report is
+#   0.71), at about twelve times the cost of an epoch: choose it when the number you report is
 #   the log-likelihood itself.
 # * **For memory**, a guide that stores a fixed number of parameters: MAP (one copy of the
 #   weights), mean-field or TRADI (two), an ensemble ($M$). Sample-based posteriors store every
