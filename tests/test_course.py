@@ -134,6 +134,16 @@ def test_chapter_summary_is_the_metadata_line_or_the_first_sentence():
     assert chapter_summary(notebook("# T\n\nLong text.", summary=" Short. ")) == "Short."
 
 
+def test_every_chapter_declares_a_one_line_summary_for_the_index():
+    # The first sentence is a fallback: in most chapters it links back to the one before
+    # ("Chapter 4 made q richer...") and says nothing of the chapter itself.
+    import jupytext
+
+    for tutorial in installed_tutorials():
+        summary = jupytext.read(tutorial).metadata.get("summary", "")
+        assert 40 <= len(summary) <= 250 and "\n" not in summary, tutorial.name
+
+
 def test_installed_tutorials_are_the_numbered_chapters_in_order():
     assert installed_tutorials() == sorted((ROOT / "tutorials").glob("[0-9]*.py"))
 

@@ -8,6 +8,7 @@
 #     display_name: Python 3
 #     language: python
 #     name: python3
+#   summary: "PCA, linear and nonlinear autoencoders and probabilistic PCA on handwritten digits: the exact posterior and likelihood that later chapters check their approximations against."
 # ---
 
 # %% [markdown]
@@ -124,7 +125,7 @@ fig.tight_layout()
 plt.show()
 
 # %% [markdown]
-# Half of the variance lives in a handful of directions; the last few percent are spread over
+# Half of the variance lives in about a dozen directions; the last few percent are spread over
 # hundreds of them (the counts are printed above) — pen-stroke detail. Train and test curves
 # nearly coincide: the directions estimated from 4,000 images describe new digits just as well.
 #
@@ -277,8 +278,9 @@ plt.show()
 # direction, and the gap between their variances is what drives it — and minibatch noise keeps
 # all of them from reaching exactly 0. Middle: each hidden unit is a *mixture* of principal
 # directions — some lean strongly towards one of them, but none is one of them (the best
-# matches are printed above) — so the units are not the principal components. Right: the units
-# need not be orthogonal. How far from orthogonal a trained network ends up
+# matches are printed above) — so the units are not the principal components. Right: these
+# units came out nearly orthogonal (largest |cosine| 0.11), but they need not be. How far from
+# orthogonal a trained network ends up
 # depends on its initialization and optimizer, because nothing in the loss asks for
 # orthogonality: the printed check mixes the units with a random invertible $G$ and gets exactly
 # the same reconstructions from strongly non-orthogonal units. PCA's directions are orthonormal

@@ -8,6 +8,7 @@
 #     display_name: Python 3
 #     language: python
 #     name: python3
+#   summary: "The conditional VAE: digits generated for a chosen label and images completed from one quadrant, and what conditioning buys and what it does not."
 # ---
 
 # %% [markdown]
@@ -25,7 +26,7 @@
 #    rest. We compare with a deterministic network trained on the same loss and see why a
 #    latent variable matters when the answer is not unique.
 #
-# A full run takes a few minutes on one CPU core. **Smoke mode:** with `SMOKE_TEST=1` the
+# A full run takes one to one and a half minutes on a CPU. **Smoke mode:** with `SMOKE_TEST=1` the
 # chapter trains on a subset for two epochs and uses few importance samples; it then only shows
 # that the code runs. The prose describes what a full run shows; every number is printed by
 # the code.

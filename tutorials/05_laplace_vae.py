@@ -8,6 +8,7 @@
 #     display_name: Python 3
 #     language: python
 #     name: python3
+#   summary: "The Variational Laplace Autoencoder: a posterior computed from a piecewise-linear decoder by Newton steps with its exact Jacobian, against the VAE and flows on MNIST."
 # ---
 
 # %% [markdown]

@@ -8,6 +8,7 @@
 #     display_name: Python 3
 #     language: python
 #     name: python3
+#   summary: "Bayesian neural networks for regression: ten weight posteriors from MAP to NUTS on data with a gap, their in-between uncertainty, NUTS diagnostics and the Boston housing benchmark."
 # ---
 
 # %% [markdown]
@@ -366,7 +367,7 @@ plt.show()
 # \approx 0.01$ or less) and as wide as the prior in others (the weights of hidden units the
 # data barely use), so the step size must be small and the path long. Each leapfrog step is one
 # gradient of the full-data log density through Pyro, a few milliseconds here, so one draw
-# costs seconds: the 80 iterations above, the two chains in a process each, took about 70 s
+# costs seconds: the 80 iterations above, the two chains in a process each, took 70 to 80 s
 # on two otherwise idle CPU cores, the largest part of this chapter's running time. One chain
 # after the other they draw the same numbers, slower (197 to 309 s in our runs on shared cores;
 # on a busy machine 569 s against 211 s side by side). This is why NUTS is the gold
@@ -432,8 +433,8 @@ for method in BOSTON_METHODS:
           f"{boston_seconds[method] / BOSTON_SPLITS:14.1f}")
 
 # %% [markdown]
-# In the full run (all 20 splits, two at a time: 70 s on two otherwise idle cores, about 7 s a
-# split for the five methods), MAP, Laplace and the ensemble reach RMSE about 3.5 and NLL 2.74 to
+# In the full run (all 20 splits, two at a time: 70 to 80 s on two otherwise idle cores, 7 to 8 s
+# a split for the five methods), MAP, Laplace and the ensemble reach RMSE about 3.5 and NLL 2.74 to
 # 2.77, MC dropout is a little worse in RMSE (3.64) and a little better in NLL (2.72), and
 # mean-field is the worst on both (RMSE 4.08, NLL 2.85), the same underfitting as on the gap
 # data. Between the first four the differences are within about one standard error; even twenty

@@ -8,6 +8,7 @@
 #     display_name: Python 3
 #     language: python
 #     name: python3
+#   summary: "Calibration and out-of-distribution detection with eight approximate posteriors on handwritten digits: reliability diagrams, entropy on unseen classes, dataset shift, ArviZ and PSIS k-hat."
 # ---
 
 # %% [markdown]
@@ -363,8 +364,8 @@ print(f"Laplace: {near_prior:.0%} of the {len(eigenvalues)} covariance eigenvalu
 #   Laplace approximation an 808 x 808 covariance factor (2.6 MB). For that guide
 #   `memory_bytes` counts the factor and the last layer's mean but not the first layer's fixed
 #   MAP weights (26 KB), which the guide holds outside its buffers.
-# * **Training time** (two threads, 100 epochs) is 2–5 s per method in the full run, on a quiet
-#   2-core machine; on other machines only the order of magnitude carries over. The
+# * **Training time** (two threads, 100 epochs) is 2–7 s per method in the full run, on a quiet
+#   2-core machine (up to 1.5x apart between two builds); on other machines only the order of magnitude carries over. The
 #   five-member ensemble trains in one vectorized run, not five.
 #
 # ## 4. Reliability diagrams

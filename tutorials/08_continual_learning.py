@@ -8,6 +8,7 @@
 #     display_name: Python 3
 #     language: python
 #     name: python3
+#   summary: "Two uses of a weight posterior beyond error bars: variational continual learning on split digits, and a Bayesian autoencoder."
 # ---
 
 # %% [markdown]

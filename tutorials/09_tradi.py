@@ -8,6 +8,7 @@
 #     display_name: Python 3
 #     language: python
 #     name: python3
+#   summary: "TRADI: a Gaussian per weight fitted by Kalman-filtering the SGD trajectory, on the gap data and on digits with held-out classes and shifted inputs."
 # ---
 
 # %% [markdown]

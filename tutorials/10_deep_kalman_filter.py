@@ -8,6 +8,7 @@
 #     display_name: Python 3
 #     language: python
 #     name: python3
+#   summary: "State-space models: the exact Kalman filter and smoother on the Nile, structured inference networks checked against the exact posterior, and a deep Markov model of a pendulum."
 # ---
 
 # %% [markdown]

@@ -8,6 +8,7 @@
 #     display_name: Python 3
 #     language: python
 #     name: python3
+#   summary: "One seam for every pair: a VAE and a Bayesian network fitted with every valid guide through bayeszoo.compare, their scores, costs and convergence, and which guide to pick."
 # ---
 
 # %% [markdown]
@@ -222,11 +223,11 @@ plt.show()
 #   (-143.9) gain about 11 nats over the diagonal Gaussian, radial and Householder about 7 and
 #   6; the IAF and the rank-one Gaussian gain nothing at this budget.
 # * **And it costs.** The horizontal axis of the left panel is the price: four planar steps add
-#   little to an epoch (0.52 s against the diagonal Gaussian's 0.43 s), radial and Householder
-#   steps and the IAF's MADE networks a little more (0.54 to 0.60 s), Sylvester's orthogonal
-#   matrices (and three times the parameters) 1.55 s, and the VLAE's Newton steps — each needs
-#   the decoder's Jacobian at every image — 5.25 s, four and twelve times the diagonal
-#   Gaussian. In earlier runs of ours, on busier cores, they took up to ten and seventeen times
+#   little to an epoch (0.43-0.52 s against the diagonal Gaussian's 0.41-0.43 s in two builds),
+#   radial and Householder steps and the IAF's MADE networks about as much or a little more
+#   (0.41 to 0.60 s), Sylvester's orthogonal matrices (and three times the parameters) 1.2 to
+#   1.6 s, and the VLAE's Newton steps — each needs the decoder's Jacobian at every image — 5.0
+#   to 5.3 s, three to four and twelve times the diagonal Gaussian. In earlier runs of ours, on busier cores, they took up to ten and seventeen times
 #   as long: the ratios move with the machine's load, though the two slowest guides stayed the
 #   slowest. A plausible reason for the VLAE's
 #   lead this early in training: it computes each image's posterior from the decoder
@@ -397,12 +398,13 @@ plt.show()
 #   to 0.26 and 0.19 in our runs, and the ensemble the other way (0.26 and 0.16 to 0.25 and
 #   0.13). At 500 steps the optimizers have not settled, and differences of that size between
 #   the guides are within what rounding alone can do.
-# * **Time.** NUTS took 11 s, about two and a half times MAP's 4.2 s, and was the slowest guide
-#   even on its budget of 100 draws. Every optimizer and both samplers took 3.7 to 7.2 s,
-#   differences these wall-clock timings barely resolve; "s / epoch" times 500 shows that only
-#   1.3 to 2.5 s of an optimizer's time is its training steps, the rest the work every run does
-#   each epoch (a validation ELBO, a checkpoint) and after it (scores, figures). Laplace costs
-#   MAP plus one curvature pass (4.8 s against 4.2 s).
+# * **Time.** NUTS took 10 to 11 s, two and a half to three times MAP's 3.1 to 4.2 s (two builds),
+#   and was the slowest guide even on its budget of 100 draws. Every optimizer and both
+#   samplers took 3.1 to 7.2 s, differences these wall-clock timings barely resolve (a guide's
+#   time moved by up to 1.7x between the two builds); "s / epoch" times 500 shows that only 1 to
+#   2.5 s of an optimizer's time is its training steps, the rest the work every run does each
+#   epoch (a validation ELBO, a checkpoint) and after it (scores, figures). Laplace costs MAP
+#   plus one curvature pass (3.2 against 3.1 s, 4.8 against 4.2 s).
 # * **Memory.** The posterior bytes follow what each guide keeps: 604 bytes for MAP and MC
 #   dropout (151 float32 weights), twice that for a mean-field Gaussian or TRADI (a mean and a
 #   scale per weight), five networks for the ensemble (3,020), 11 KB for Laplace (the MAP plus
