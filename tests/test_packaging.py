@@ -194,6 +194,16 @@ def test_console_script_is_the_fresh_venvs(installed):
     assert str(installed.python) in launcher, launcher
 
 
+def test_course_builds_from_the_chapters_in_the_installed_package(installed):
+    # `bayeszoo course --out DIR` must find the chapters in site-packages, not in a checkout.
+    script = ("import json; from bayeszoo.inference.course import installed_tutorials\n"
+              "print(json.dumps([str(p) for p in installed_tutorials()]))")
+    out = _check(_in_fresh(installed, [installed.python, "-c", script])).stdout
+    found = [Path(p) for p in json.loads(out)]
+    assert [p.name for p in found] == [p.name for p in sorted((REPO / "tutorials").glob("[0-9]*.py"))]
+    assert all(p.resolve().is_relative_to(installed.site / "bayeszoo" / "tutorials") for p in found)
+
+
 def test_list_names_models_and_datasets(installed):
     out = _check(_bayeszoo(installed, "list")).stdout
     for name in ("vae", "bnn", "digits"):
