@@ -6,7 +6,7 @@ For each net (digits 64-100-100-8, Boston 13-50-1, mnist5k 784-400-400-8) and ea
 one after the other (interleaved, so a busy machine slows all four alike):
 
 * ``meanfield``: ``inference.training.train(model, "meanfield", ...)``, the library's Bayes by
-  Backprop (``MeanFieldGuide``, ``TraceMeanField_ELBO``, ``inference.svi.fit``);
+  Backprop (``MeanFieldGuide``, ``inference.elbo.ClosedFormKL_ELBO``, ``inference.svi.fit``);
 * ``by_hand``: Bayes by Backprop written by hand in plain PyTorch (the arithmetic of
   ``benchmarks/bnn.py``'s ``train_handwritten_meanfield``: a normal draw, a softplus and
   w = mu + sigma * eps per weight, the closed-form KL, Adam on mu and rho);
@@ -41,11 +41,12 @@ import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
 from common import bayes_by_backprop_step
-from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer import Trace_ELBO
 from torch import nn
 
 from bayeszoo.guides.mean_field import DiagonalNormal
 from bayeszoo.guides.weights import PointMass
+from bayeszoo.inference.elbo import ClosedFormKL_ELBO
 from bayeszoo.inference.supervised import load_supervised
 from bayeszoo.inference.svi import fit
 from bayeszoo.inference.training import train
@@ -182,7 +183,7 @@ def run_variant(variant: str, dataset, hidden, epochs: int, batch_size: int, lr:
         mean_field = variant == "floor_meanfield"
         fit(BareModel(net, dataset.task), BareGuide(net, mean_field), data, None, epochs=epochs,
             batch_size=batch_size, lr=lr, seed=seed, progress=False, batch_transform=clock,
-            elbo=TraceMeanField_ELBO if mean_field else Trace_ELBO)
+            elbo=ClosedFormKL_ELBO if mean_field else Trace_ELBO)
         clock.stamps = clock.stamps[1:]
         clock()
     elif variant == "by_hand":
