@@ -45,9 +45,10 @@ class DiagonalNormal(dist.Independent):
 
     the value of ``Normal.log_prob`` there, and the same gradient: through w and through
     (mu, sigma) the full form's terms cancel to d/dmu = 0 and d/dsigma = -1/sigma, which is what
-    this form gives directly. Pyro computes the guide's log density at every step; the
-    closed-form KL of ``TraceMeanField_ELBO`` never uses it, and on a 784-400-400-8 network the
-    full form took 9.4 ms of a 25-29 ms step (this form: 1.1 ms; one thread, measured). Any
+    this form gives directly. Pyro's ELBOs compute the guide's log density at every step (even
+    ``TraceMeanField_ELBO``, whose closed-form KL never uses it; ``inference.elbo`` skips it), and
+    on a 784-400-400-8 network the full form took 9.4 ms of a 25-29 ms step (this form: 1.1 ms;
+    one thread, measured). Any
     other value, or a draw with a sample shape, goes through the ordinary Independent Normal.
     The draw is ``torch.distributions.Normal``'s own (the same random numbers for the same seed).
     """
