@@ -46,6 +46,7 @@ from pathlib import Path
 import torch
 
 from bayeszoo.inference.distributed import PROCESS_KEYWORDS, run_tasks
+from bayeszoo.inference.elbo import ClosedFormKL_ELBO
 from bayeszoo.inference.svi import CHECKPOINT, FitResult, adam, fit
 
 
@@ -92,21 +93,17 @@ def _outcome(result: FitResult) -> dict:
 
 
 def closed_form_kl(model, guide, data, options, budget):
-    from bayeszoo.inference.elbo import ClosedFormKL_ELBO
-
     return svi(model, guide, data, options, budget, elbo=ClosedFormKL_ELBO)
 
 
 def local_reparameterization(model, guide, data, options, budget):
     from bayeszoo.guides.reparameterization import local_reparameterization as handler
-    from bayeszoo.inference.elbo import ClosedFormKL_ELBO
 
     return svi(model, guide, data, options, budget, handler=handler, elbo=ClosedFormKL_ELBO)
 
 
 def flipout(model, guide, data, options, budget):
     from bayeszoo.guides.reparameterization import flipout as handler
-    from bayeszoo.inference.elbo import ClosedFormKL_ELBO
 
     return svi(model, guide, data, options, budget, handler=handler, elbo=ClosedFormKL_ELBO)
 
