@@ -85,7 +85,8 @@ LABELS = {"plain": "plain PyTorch MLP", "map": "MAP", "meanfield": "mean-field (
           "ensemble": "deep ensemble", "laplace": "Laplace", "sgld": "SGLD", "sghmc": "SGHMC",
           "tradi": "TRADI", "nuts": "NUTS", "meanfield_by_hand": "mean-field by hand in PyTorch (no Pyro)"}
 BY_HAND = "meanfield_by_hand"  # timing only: train_handwritten_meanfield, in the speed table and ratios
-TARGETS = {"meanfield": ("plain", 3.0), "lrt": ("meanfield", 2.0), "flipout": ("meanfield", 2.0)}
+# Mean-field's and MAP's speed targets (issue 15) are timed interleaved by overhead.py, not here.
+TARGETS = {"lrt": ("meanfield", 2.0), "flipout": ("meanfield", 2.0)}
 
 
 @dataclass
@@ -508,6 +509,11 @@ def markdown(report: dict) -> str:
         "Targets, as measured:",
         "",
         *target_lines(report),
+        "",
+        "These are one run each, so single ratios move by tens of percent between runs. The speed "
+        "targets for mean-field (against the hand-written step) and MAP (against the plain MLP) are "
+        "timed by `benchmarks/overhead.py`, interleaved over rounds in one process "
+        "(`results/overhead.md`).",
         "",
         f"Digits: batch {cfg['digits_batch_size']}, {dig['sizes']['train']} training images "
         f"({math.ceil(dig['sizes']['train'] / cfg['digits_batch_size'])} steps per epoch), "

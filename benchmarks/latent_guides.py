@@ -14,8 +14,7 @@ import sys
 from pathlib import Path
 
 import pyro
-import torch
-from common import now, write_json
+from common import add_threads_argument, command_line, environment, now, set_threads, write_json
 
 from bayeszoo.inference.compare import compare
 
@@ -30,14 +29,16 @@ def main(argv=None) -> int:
     parser.add_argument("--is-samples", type=int, default=1000)
     parser.add_argument("--guides", default=GUIDES)
     parser.add_argument("--device", default="cpu")
+    add_threads_argument(parser)
     parser.add_argument("--quick", action="store_true", help="digits, 1 epoch, K=25, three guides")
     parser.add_argument("--out", type=Path, default=Path("results"))
     args = parser.parse_args(argv)
+    set_threads(args.threads)
     data, guides, epochs, samples = "mnist5k", args.guides, args.epochs, args.is_samples
     if args.quick:
         data, guides, epochs, samples = "digits", "amortized,planar,laplace", 1, 25
     name = "latent_guides_quick" if args.quick else "latent_guides"
-    results, tables = {}, []
+    results, tables, started, env = {}, [], now(), environment(args.device)
     for likelihood in ("bernoulli", "gaussian"):
         folder = Path("runs") / f"bench-{name}-{likelihood}"
         rows = compare("vae", guides, data, options={"likelihood": likelihood, "laplace_steps": 4,
@@ -47,12 +48,15 @@ def main(argv=None) -> int:
         results[likelihood] = rows
         tables.append(f"### VAE, {likelihood} likelihood\n\n" + (folder / "compare.md").read_text())
     args.out.mkdir(exist_ok=True)
-    record = {"benchmark": name, "data": data, "epochs": epochs, "is_samples": samples,
-              "date": now(),
-              "torch": torch.__version__, "results": results}
+    record = {"benchmark": name, "command": command_line(), "data": data, "epochs": epochs,
+              "is_samples": samples, "started": started, "finished": now(),
+              "environment": env, "results": results}
     write_json(record, args.out / f"{name}.json", default=str)
-    (args.out / f"{name}.md").write_text("\n\n".join(tables))
-    print("\n\n".join(tables))
+    head = (f"`{record['command']}`, {started} to {record['finished']}; {env['cpu']}, torch threads: "
+            f"{env['torch_threads']}, torch {env['torch']}, pyro {env['pyro']}. {data}, {epochs} epochs, "
+            f"seed 0, K={samples} importance samples per test image.")
+    (args.out / f"{name}.md").write_text("\n\n".join([head, *tables]) + "\n")
+    print("\n\n".join([head, *tables]))
     return 0
 
 

@@ -44,7 +44,7 @@ from bayeszoo.models.vae import VAE
 
 pyro.settings.set(module_local_params=True)  # PyroModules keep their parameters, as torch optimizers expect
 
-TARGET_RATIO = 1.3
+TARGET_RATIO = 1.15  # issue 15; overhead.py times the same pair interleaved over more rounds
 TEST_BINARIZATION_SEED = 1234
 GUIDES = {"amortized diagonal": AmortizedNormal, "amortized rank-1": AmortizedRank1Normal}
 
