@@ -236,7 +236,23 @@ def test_bernoulli_with_several_outputs_scores_each_output():
     trace = pyro.poutine.trace(model).get_trace(x, y)
     trace.compute_log_prob()
     assert trace.nodes["y"]["log_prob"].shape == (5,)  # 4 pixels per point, summed as one event
-    assert trace.nodes["probs"]["value"].shape == (5, 4)
+    assert pyro.poutine.trace(model).get_trace(x).nodes["probs"]["value"].shape == (5, 4)
+
+
+@pytest.mark.parametrize(("likelihood", "outputs", "sites"), [
+    ("gaussian", 1, {"mean", "variance"}), ("heteroscedastic", 2, {"mean", "variance"}),
+    ("categorical", 3, {"probs"}), ("bernoulli", 1, {"probs"}), ("bernoulli", 4, {"probs"})])
+def test_likelihood_parameters_are_recorded_when_generating_and_left_out_when_y_is_observed(
+        likelihood, outputs, sites):
+    model = BayesianNeuralNetwork(mlp([3, 8, outputs]), (3,), likelihood)
+    x = torch.randn(5, 3)
+    generated = pyro.poutine.trace(model).get_trace(x)
+    recorded = {name for name, site in generated.nodes.items() if site.get("infer", {}).get("_deterministic")}
+    assert recorded == sites
+    observed = pyro.poutine.trace(pyro.poutine.replay(model, trace=generated)).get_trace(
+        x, generated.nodes["y"]["value"])
+    assert not sites & set(observed.nodes)
+    assert observed.log_prob_sum().item() == pytest.approx(generated.log_prob_sum().item(), rel=1e-6)
 
 
 def test_a_bare_layer_becomes_bayesian():
