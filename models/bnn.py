@@ -534,7 +534,7 @@ class BayesianNeuralNetwork(PyroModule):
     def observe(self, f: torch.Tensor, y: torch.Tensor | None, noise: torch.Tensor | None):
         """The likelihood of ``y`` given the network outputs ``f`` (inside the data plate); ``y=None``
         samples it and records its parameters as deterministic sites. With ``y`` observed (SVI,
-        MCMC) nothing reads those sites, and recording them cost 8-12% of a training step on the
+        MCMC) nothing reads those sites, and recording them cost 7-12% of a training step on the
         small nets (digits, Boston), so they are left out there."""
         likelihood, parameters = self._likelihood(f, noise)
         if y is None:
