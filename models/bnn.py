@@ -539,24 +539,25 @@ class BayesianNeuralNetwork(PyroModule):
         likelihood, parameters = self._likelihood(f, noise)
         if y is None:
             for name, (value, event_dim) in parameters.items():
-                pyro.deterministic(name, value, event_dim=event_dim)
+                pyro.deterministic(name, value(), event_dim=event_dim)
         return pyro.sample("y", likelihood, obs=y)
 
     def _likelihood(self, f: torch.Tensor, noise: torch.Tensor | None):
-        """p(y | f) and its parameters by site name, each with its event dim (None: all of its
-        dims, ``pyro.deterministic``'s default)."""
+        """p(y | f) and its parameters by site name: a function computing each (called only when
+        it is recorded) and its event dim (None: all of its dims, ``pyro.deterministic``'s
+        default)."""
         if self.likelihood == "categorical":
-            return dist.Categorical(logits=f), {"probs": (f.softmax(-1), 1)}
+            return dist.Categorical(logits=f), {"probs": (lambda: f.softmax(-1), 1)}
         if self.likelihood == "bernoulli" and self.output_dim == 1:
-            return dist.Bernoulli(logits=f[..., 0]), {"probs": (torch.sigmoid(f[..., 0]), None)}
+            return dist.Bernoulli(logits=f[..., 0]), {"probs": (lambda: torch.sigmoid(f[..., 0]), None)}
         if self.likelihood == "bernoulli":
-            return dist.Bernoulli(logits=f).to_event(1), {"probs": (torch.sigmoid(f), 1)}
+            return dist.Bernoulli(logits=f).to_event(1), {"probs": (lambda: torch.sigmoid(f), 1)}
         mean = f[..., 0]
         if self.likelihood == "heteroscedastic":
             sd = F.softplus(f[..., 1]) + 1e-3  # the floor keeps the likelihood bounded
         else:
             sd = noise.expand(mean.shape)
-        return dist.Normal(mean, sd), {"mean": (mean, None), "variance": (sd ** 2, None)}
+        return dist.Normal(mean, sd), {"mean": (lambda: mean, None), "variance": (lambda: sd ** 2, None)}
 
 
 def weight_sites(model: BayesianNeuralNetwork) -> dict[str, torch.Size]:
